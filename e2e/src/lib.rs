@@ -1,1 +1,39 @@
+//! End-to-end test harness for LocalModel: a real control plane (etcd + kube-apiserver, built
+//! from upstream by `e2e/controlplane/build.sh`) started on free loopback ports in a temporary
+//! directory, with a CA, TLS serving and admin client certificates, a service-account signing
+//! key, RBAC, and a kubeconfig usable by kube-rs and `kubectl`.
+//!
+//! Most tests use [`shared()`]: one control plane per test binary run, torn down when the test
+//! process exits (normally or after failed tests), each test in its own namespace made with
+//! [`ControlPlane::create_namespace`]. [`ControlPlane::builder`] starts a private one that is
+//! torn down on drop.
+//!
+//! Environment:
+//! * `LOCALMODEL_CONTROLPLANE_BIN`: directory holding `kube-apiserver`, `etcd` (and `helm`);
+//!   unset: `e2e/controlplane/build.sh` is run (it reuses its cache) to find or build them.
+//! * `LOCALMODEL_E2E_KEEP=1`: keep the control plane running after the tests, print its
+//!   kubeconfig path and how to stop it.
+//! * `LOCALMODEL_KUBECTL`: the kubectl to run (default: `kubectl` on `PATH`).
+//! * `LOCALMODEL_E2E_START_TIMEOUT`: seconds to wait for the control plane (default 180).
 
+mod binaries;
+mod control_plane;
+mod error;
+mod pki;
+mod process;
+pub mod wait;
+
+pub use binaries::{Binaries, find_binaries};
+pub use control_plane::{Builder, ControlPlane, shared};
+pub use error::Error;
+
+/// Result with the harness [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The workspace root (the directory holding `crds/`, `examples/`, `e2e/`).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e crate lives inside the workspace")
+        .to_path_buf()
+}

@@ -453,3 +453,41 @@ async fn full_queue_is_429_and_disconnect_frees_the_slot() {
         .expect("third");
     assert_eq!(third.status(), 200, "the freed slot takes a new request");
 }
+
+/// The `openai` and `ollama` Python packages, unchanged, against the agent. They are installed
+/// into a virtualenv kept beside the build (from the package index).
+#[test]
+fn real_python_clients_work() {
+    let venv = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("clients-venv");
+    let python = venv.join("bin/python");
+    let ready = std::process::Command::new(&python)
+        .args(["-c", "import openai, ollama"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ready {
+        let ok = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 runs")
+            .success();
+        assert!(ok, "python3 -m venv failed");
+        let out = std::process::Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "openai==2.54.0", "ollama==0.6.3"])
+            .output()
+            .expect("pip runs");
+        assert!(out.status.success(), "pip install failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = std::process::Command::new(&python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/check_clients.py"))
+        .arg(&agent().base)
+        .arg(MODEL)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "client check failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

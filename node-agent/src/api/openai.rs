@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::error::{ApiError, parse_json};
 use super::{AppState, Generation, Tracked};
 use crate::engine::types::{
-    ChatTurn, Event, FinishReason, OutputFormat, Prompt, Sampling, ToolCall, Usage,
+    ChatTurn, Event, OutputFormat, Prompt, Sampling, ToolCall, Usage,
 };
 
 /// `stop`: one string or a list.

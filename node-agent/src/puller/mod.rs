@@ -379,6 +379,7 @@ impl Puller {
             tracing::warn!(source = %key, sha256 = %d.sha256,
                 "source publishes no digest and the spec pins none; recording the digest seen");
         }
+        tracing::info!(source = %key, sha256 = %d.sha256, bytes = d.size, "verified");
         let meta_path = d.path.with_extension("part.json");
         let blob = self.cache.commit(&d.path, &d.sha256, file_name, key)?;
         let _ = std::fs::remove_file(meta_path);

@@ -1,0 +1,3 @@
+//! LocalModel operator. Today: placement as pure functions; the controllers build on it.
+
+pub mod placement;
