@@ -7,6 +7,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Identity of the node a GPUNode describes.
+// Each printcolumn(...) repeats keys such as `type_`, which clippy mistakes for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "localmodel.dev",
@@ -102,6 +104,7 @@ impl GpuNodeStatus {
 #[serde(rename_all = "camelCase")]
 pub struct GpuInfo {
     /// Device index on the node (as in `nvidia-smi` and `CUDA_VISIBLE_DEVICES`), from 0.
+    #[schemars(transform = crate::unsigned)]
     pub index: u32,
     /// The GPU's unique id, e.g. `GPU-8c9e1f7a-…`.
     pub uuid: String,
@@ -118,6 +121,7 @@ pub struct GpuInfo {
 #[serde(rename_all = "camelCase")]
 pub struct CpuInfo {
     /// Number of CPU cores the agent may use.
+    #[schemars(transform = crate::unsigned)]
     pub cores: u32,
     /// Total RAM in bytes.
     pub memory_total_bytes: i64,

@@ -53,7 +53,9 @@ pub enum Error {
     },
 
     /// A document is not a `localmodel.dev/v1alpha1` `LocalModel`.
-    #[error("{doc}: expected apiVersion localmodel.dev/v1alpha1 and kind LocalModel, found {found}")]
+    #[error(
+        "{doc}: expected apiVersion localmodel.dev/v1alpha1 and kind LocalModel, found {found}"
+    )]
     WrongKind {
         /// Which document.
         doc: DocumentRef,
@@ -98,6 +100,12 @@ pub enum Error {
         /// Index of the first one.
         first: usize,
     },
+}
+
+/// Schema transform for unsigned fields: drops `format: uint32`, which the API server does not
+/// know (it warns on every apply); the `minimum` keeps values non-negative.
+pub(crate) fn unsigned(schema: &mut schemars::Schema) {
+    schema.remove("format");
 }
 
 fn unknown_fields_message(fields: &[String]) -> String {

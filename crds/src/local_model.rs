@@ -25,6 +25,8 @@ pub mod condition_type {
 
 /// Desired state of a LocalModel: which weights, how many replicas, on which nodes, and with
 /// which engine settings.
+// Each printcolumn(...) repeats keys such as `type_`, which clippy mistakes for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "localmodel.dev",
@@ -229,7 +231,9 @@ impl fmt::Display for ModelFormat {
     }
 }
 
-/// How the operator spreads replicas over nodes.
+/// How replicas are spread over nodes: `BinPack` fills the nodes that already run models (and
+/// cache these weights) first, leaving whole GPUs free for large models; `Spread` puts each
+/// replica on the least loaded node. Default: `BinPack`.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum PlacementStrategy {
     /// Prefer nodes that already run models or cache these weights, keeping other GPUs free.
@@ -268,12 +272,14 @@ pub struct EngineSpec {
     /// less memory. Unset: the model's own maximum. Example: `4096`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
+    #[schemars(transform = crate::unsigned)]
     pub context_length: Option<u32>,
 
     /// How many requests one replica generates for at the same time; more wait in a queue.
     /// Unset: the agent's default (4). Example: `8`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
+    #[schemars(transform = crate::unsigned)]
     pub max_concurrent_sequences: Option<u32>,
 
     /// Reuse the computed state of prompt prefixes that repeat across requests (system prompts,
@@ -331,7 +337,10 @@ pub struct LocalModelStatus {
     pub observed_generation: Option<i64>,
 }
 
-/// Where a LocalModel is in its life.
+/// Summary of where a LocalModel is: `Pending` (not placed yet), `Scheduled` (placed, nothing
+/// pulled), `Pulling` (weights downloading), `Loading` (engine loading the weights), `Ready`
+/// (every replica answers), `Degraded` (some replicas answer or a replica failed), `Failed` (no
+/// replica can run; see the conditions for why).
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ModelPhase {
     /// Accepted but not yet placed on any node.

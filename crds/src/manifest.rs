@@ -42,7 +42,13 @@ impl fmt::Display for DocumentRef {
 /// and name. Defaults (`replicas: 1`, `format: gguf`) are filled in. A text with no documents
 /// gives an empty list.
 pub fn parse_local_models(yaml: &str) -> Result<Vec<LocalModel>, Error> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(yaml)?;
+    // YAML 1.2 booleans only: `name: no` or `name: n` stays a string, as Kubernetes reads it.
+    // Numbers with leading zeros (`007`) stay strings too.
+    let options = serde_saphyr::options! {
+        strict_booleans: true,
+        leading_zero_numbers_as_strings: true,
+    };
+    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(yaml, options)?;
     let mut models = Vec::with_capacity(docs.len());
     let mut seen: HashMap<(Option<String>, String), usize> = HashMap::new();
     for (i, doc) in docs.into_iter().enumerate() {
@@ -350,6 +356,9 @@ mod tests {
         let e =
             err("apiVersion: localmodel.dev/v1alpha1\nkind: LocalModel\nmetadata:\n  name: n\n");
         assert!(e.starts_with("document 1 (n): spec is required"), "{e}");
+        let e =
+            err("apiVersion: localmodel.dev/v1alpha1\nkind: LocalModel\nmetadata:\n  name: no\n");
+        assert!(e.starts_with("document 1 (no): spec is required"), "{e}");
         let doc = model_doc("same", &format!("  source: {SMOLLM2}\n"));
         let e = err(&format!("{doc}\n---\n{doc}"));
         assert_eq!(
@@ -362,5 +371,10 @@ mod tests {
     fn reports_yaml_syntax_errors() {
         let e = err("apiVersion: [unclosed\n");
         assert!(e.starts_with("invalid YAML: "), "{e}");
+        let e = err("kind: LocalModel\nkind: LocalModel\n");
+        assert!(
+            e.starts_with("invalid YAML: "),
+            "duplicate keys are refused: {e}"
+        );
     }
 }

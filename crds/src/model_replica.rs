@@ -23,6 +23,8 @@ pub mod condition_type {
 
 /// Desired state of one copy of a LocalModel on one node, written by the operator: what to
 /// load, where, and with which settings.
+// Each printcolumn(...) repeats keys such as `type_`, which clippy mistakes for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "localmodel.dev",
@@ -161,7 +163,9 @@ pub struct ModelReplicaStatus {
     pub observed_generation: Option<i64>,
 }
 
-/// Where a ModelReplica is in its life.
+/// Where a ModelReplica is: `Pending` (not picked up by the node's agent yet), `Pulling`
+/// (weights downloading), `Loading` (engine loading), `Ready` (answers requests), `Failed` (see
+/// reason and message), `Terminating` (unloading).
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ReplicaPhase {
     /// Created, not yet picked up by the node's agent.

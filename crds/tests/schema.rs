@@ -553,3 +553,37 @@ fn status_and_spec_serialize_minimally() {
         Some(json!({"replicas": 0, "readyReplicas": 0}))
     );
 }
+
+/// Only formats the API server knows (others draw a warning on every apply).
+#[test]
+fn formats_are_known_to_the_api_server() {
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(map) => {
+                if let Some(Value::String(f)) = map.get("format")
+                    && !["int32", "int64", "date-time", "double", "float", "byte"]
+                        .contains(&f.as_str())
+                {
+                    out.push(f.clone());
+                }
+                map.values().for_each(|x| walk(x, out));
+            }
+            Value::Array(items) => items.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    for kind in ["LocalModel", "ModelReplica", "GPUNode"] {
+        let mut unknown = Vec::new();
+        walk(&schema(kind), &mut unknown);
+        assert!(unknown.is_empty(), "{kind} uses formats {unknown:?}");
+    }
+    let s = schema("LocalModel");
+    let ctx = at(
+        &s,
+        "/properties/spec/properties/engine/properties/contextLength",
+    );
+    assert_eq!(
+        (&ctx["type"], &ctx["minimum"]),
+        (&json!("integer"), &json!(1.0))
+    );
+}

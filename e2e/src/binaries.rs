@@ -50,9 +50,8 @@ pub fn find_binaries() -> Result<Binaries> {
 
 fn locate() -> Result<Binaries> {
     if let Some(dir) = std::env::var_os("LOCALMODEL_CONTROLPLANE_BIN").filter(|d| !d.is_empty()) {
-        return Binaries::in_dir(PathBuf::from(dir)).map_err(|e| {
-            Error::Binaries(format!("LOCALMODEL_CONTROLPLANE_BIN: {e}"))
-        });
+        return Binaries::in_dir(PathBuf::from(dir))
+            .map_err(|e| Error::Binaries(format!("LOCALMODEL_CONTROLPLANE_BIN: {e}")));
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("controlplane/build.sh");
     eprintln!(

@@ -639,10 +639,17 @@ current-context: localmodel-e2e
     }
 
     fn write_stop_script(&self) -> Result<()> {
-        let pids: Vec<String> = self.pids().iter().map(|(_, pid)| format!("-{pid}")).collect();
+        // API server first; `kill -SIG -PGID` (no `--`: dash's kill does not take it).
+        let groups: Vec<String> = self
+            .pids()
+            .iter()
+            .rev()
+            .map(|(_, pid)| format!("-{pid}"))
+            .collect();
         let script = format!(
-            "#!/bin/sh\n# Stops the kept LocalModel e2e control plane and removes its files.\nkill -TERM -- {pids} 2>/dev/null\nsleep 2\nkill -KILL -- {pids} 2>/dev/null\nrm -rf '{dir}'\n",
-            pids = pids.join(" "),
+            "#!/bin/sh\n# Stops the kept LocalModel e2e control plane and removes its files.\n\
+             kill -TERM {groups} 2>/dev/null\nsleep 2\nkill -KILL {groups} 2>/dev/null\nrm -rf '{dir}'\n",
+            groups = groups.join(" "),
             dir = self.dir.display()
         );
         write_private(&self.dir.join("stop.sh"), &script)

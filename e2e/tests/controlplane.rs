@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use e2e::{ControlPlane, shared, wait, workspace_root};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, ObjectMeta, PostParams,
     WatchEvent, WatchParams,
@@ -34,9 +34,13 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// `crds/localmodel.dev_*.yaml`, sorted.
+/// `crds/localmodel.dev_*.yaml`, sorted (`LOCALMODEL_E2E_CRDS_DIR` names another folder, e.g.
+/// the output of `cargo run -p crds --bin crdgen -- --out-dir DIR`).
 fn crd_files() -> Vec<PathBuf> {
-    let dir = workspace_root().join("crds");
+    let dir = std::env::var_os("LOCALMODEL_E2E_CRDS_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("crds"));
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .flatten()
@@ -57,8 +61,8 @@ fn crd_files() -> Vec<PathBuf> {
 }
 
 fn read_yaml(path: &Path) -> Value {
-    let raw = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let raw =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_saphyr::from_str(&raw).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
 
@@ -111,7 +115,11 @@ fn ensure_crds(cp: &ControlPlane) {
                 file.to_str().unwrap(),
             ]);
             if !out.status.success() {
-                return Err(format!("kubectl apply -f {}: {}", file.display(), text(&out)));
+                return Err(format!(
+                    "kubectl apply -f {}: {}",
+                    file.display(),
+                    text(&out)
+                ));
             }
         }
         for file in crd_files() {
@@ -169,7 +177,9 @@ fn model_replica(name: &str, node: &str) -> DynamicObject {
 }
 
 fn names(list: &[DynamicObject]) -> BTreeSet<String> {
-    list.iter().filter_map(|o| o.metadata.name.clone()).collect()
+    list.iter()
+        .filter_map(|o| o.metadata.name.clone())
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -181,14 +191,23 @@ async fn apiserver_reports_its_real_version_and_kubectl_works() {
     let version = cp.client().apiserver_version().await.unwrap();
     assert_eq!(version.major, "1", "{version:?}");
     assert!(
-        version.git_version.starts_with("v1.") && version.git_version != "v0.0.0-master+$Format:%H$",
+        version.git_version.starts_with("v1.")
+            && version.git_version != "v0.0.0-master+$Format:%H$",
         "the build sets the version ldflags: {version:?}"
     );
     let out = cp.kubectl(["version", "-o", "json"]);
     assert!(out.status.success(), "{}", text(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["serverVersion"]["gitVersion"], version.git_version.as_str());
-    let out = cp.kubectl(["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
+    assert_eq!(
+        v["serverVersion"]["gitVersion"],
+        version.git_version.as_str()
+    );
+    let out = cp.kubectl([
+        "auth",
+        "whoami",
+        "-o",
+        "jsonpath={.status.userInfo.username}",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "admin");
 }
@@ -216,10 +235,7 @@ async fn crds_apply_and_become_established() {
             .unwrap()
             .to_string();
         let crd = crds.get(&name).await.unwrap();
-        let conditions = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default();
+        let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
         for wanted in ["Established", "NamesAccepted"] {
             assert!(
                 conditions
@@ -240,7 +256,10 @@ async fn examples_apply_with_server_dry_run() {
     collect_yaml(&root, &mut manifests);
     manifests.sort();
     if manifests.is_empty() {
-        eprintln!("note: no *.yaml under {} yet; nothing to dry-run", root.display());
+        eprintln!(
+            "note: no *.yaml under {} yet; nothing to dry-run",
+            root.display()
+        );
         return;
     }
     // A dry run creates nothing, so namespaces the manifests name must exist beforehand.
@@ -266,7 +285,11 @@ async fn examples_apply_with_server_dry_run() {
             ["apply", "-f", "-"],
             &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}}).to_string(),
         );
-        assert!(out.status.success(), "creating namespace {n}: {}", text(&out));
+        assert!(
+            out.status.success(),
+            "creating namespace {n}: {}",
+            text(&out)
+        );
     }
     let mut failures = Vec::new();
     for file in &manifests {
@@ -361,7 +384,12 @@ async fn kubectl_shows_printer_columns_and_explains_fields() {
     let out = cp.kubectl(["get", "lm", "-n", &ns]);
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let header: Vec<&str> = stdout.lines().next().unwrap_or("").split_whitespace().collect();
+    let header: Vec<&str> = stdout
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     assert_eq!(
         header,
         ["NAME", "READY", "REPLICAS", "PHASE", "PROGRESS", "AGE"],
@@ -379,7 +407,8 @@ async fn kubectl_shows_printer_columns_and_explains_fields() {
         let out = cp.kubectl(["explain", "localmodel.spec.source"]);
         let seen = text(&out);
         let ok = out.status.success()
-            && collapse_ws(&String::from_utf8_lossy(&out.stdout)).contains(&collapse_ws(&description));
+            && collapse_ws(&String::from_utf8_lossy(&out.stdout))
+                .contains(&collapse_ws(&description));
         async move { if ok { Ok(()) } else { Err(seen) } }
     })
     .await;
@@ -436,15 +465,22 @@ async fn model_replicas_select_by_node_name() {
         .await
         .unwrap()
         .boxed();
-    api.create(&pp, &model_replica("b-2", "node-b")).await.unwrap();
-    api.create(&pp, &model_replica("a-3", "node-a")).await.unwrap();
+    api.create(&pp, &model_replica("b-2", "node-b"))
+        .await
+        .unwrap();
+    api.create(&pp, &model_replica("a-3", "node-a"))
+        .await
+        .unwrap();
     let mut seen = Vec::new();
     let result = tokio::time::timeout(DEADLINE, async {
         while let Some(event) = stream.try_next().await.unwrap() {
             match event {
                 WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => {
                     let name = o.metadata.name.clone().unwrap_or_default();
-                    let node = o.data["spec"]["nodeName"].as_str().unwrap_or("").to_string();
+                    let node = o.data["spec"]["nodeName"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string();
                     seen.push(format!("{name}@{node}"));
                     if name == "a-3" {
                         return;
@@ -456,7 +492,10 @@ async fn model_replicas_select_by_node_name() {
         }
     })
     .await;
-    assert!(result.is_ok(), "watch did not deliver a-3 within {DEADLINE:?}; saw {seen:?}");
+    assert!(
+        result.is_ok(),
+        "watch did not deliver a-3 within {DEADLINE:?}; saw {seen:?}"
+    );
     assert!(
         seen.iter().all(|s| s.ends_with("@node-a")),
         "the watch delivered other nodes' replicas: {seen:?}"
@@ -473,13 +512,16 @@ async fn service_account_needs_a_role_binding_to_list_model_replicas() {
     let ns = cp.create_namespace("rbac").await.unwrap();
     let token = cp.token_for_service_account(&ns, "reader").await.unwrap();
     let ar = gvk_resource("ModelReplica", "modelreplicas");
-    let as_reader: Api<DynamicObject> = Api::namespaced_with(cp.client_with_token(&token), &ns, &ar);
+    let as_reader: Api<DynamicObject> =
+        Api::namespaced_with(cp.client_with_token(&token), &ns, &ar);
 
     match as_reader.list(&ListParams::default()).await {
         Err(kube::Error::Api(status)) => {
             assert_eq!(status.code, 403, "{status:?}");
             assert!(
-                status.message.contains(&format!("system:serviceaccount:{ns}:reader")),
+                status
+                    .message
+                    .contains(&format!("system:serviceaccount:{ns}:reader")),
                 "{status:?}"
             );
         }
@@ -525,21 +567,28 @@ async fn service_account_needs_a_role_binding_to_list_model_replicas() {
         .await
         .unwrap();
 
-    let listed = wait::until_seen("the RoleBinding to let reader list modelreplicas", DEADLINE, || {
-        let api = as_reader.clone();
-        async move {
-            match api.list(&ListParams::default()).await {
-                Ok(list) => Ok(list.items.len()),
-                Err(e) => Err(format!("{e}")),
+    let listed = wait::until_seen(
+        "the RoleBinding to let reader list modelreplicas",
+        DEADLINE,
+        || {
+            let api = as_reader.clone();
+            async move {
+                match api.list(&ListParams::default()).await {
+                    Ok(list) => Ok(list.items.len()),
+                    Err(e) => Err(format!("{e}")),
+                }
             }
-        }
-    })
+        },
+    )
     .await
     .unwrap();
     assert_eq!(listed, 0);
 
     // Still read-only: creating is forbidden.
-    match as_reader.create(&PostParams::default(), &model_replica("x", "node-a")).await {
+    match as_reader
+        .create(&PostParams::default(), &model_replica("x", "node-a"))
+        .await
+    {
         Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
         other => panic!("expected 403 creating with a read-only Role, got {other:?}"),
     }

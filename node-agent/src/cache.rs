@@ -106,7 +106,10 @@ pub struct Cache {
 
 /// Checks that `s` is a lowercase hex sha256.
 pub fn check_digest(s: &str) -> Result<(), CacheError> {
-    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(())
     } else {
         Err(CacheError::BadDigest(s.to_string()))
@@ -192,12 +195,16 @@ impl Cache {
     }
 
     fn ref_path(&self, source: &str) -> PathBuf {
-        self.root.join("refs").join(format!("{}.json", key_of(source)))
+        self.root
+            .join("refs")
+            .join(format!("{}.json", key_of(source)))
     }
 
     /// Where a download of `source` in progress keeps its bytes (and `.json` next to it).
     pub fn partial_path(&self, source: &str) -> PathBuf {
-        self.root.join("partial").join(format!("{}.part", key_of(source)))
+        self.root
+            .join("partial")
+            .join(format!("{}.part", key_of(source)))
     }
 
     /// A scratch path for staging a file before [`Cache::commit`].
@@ -452,13 +459,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = Cache::open(dir.path(), 1000).expect("open");
         let (p, d) = stage(&cache, "a", b"hello weights");
-        let blob = cache.commit(&p, &d, "m.gguf", "file:///m.gguf").expect("commit");
+        let blob = cache
+            .commit(&p, &d, "m.gguf", "file:///m.gguf")
+            .expect("commit");
         assert_eq!(blob.meta.size, 13);
         assert!(blob.path.ends_with("m.gguf"));
         assert_eq!(fs::read(&blob.path).expect("read"), b"hello weights");
-        assert_eq!(cache.lookup_source("file:///m.gguf").expect("lookup"), Some(blob.clone()));
+        assert_eq!(
+            cache.lookup_source("file:///m.gguf").expect("lookup"),
+            Some(blob.clone())
+        );
         assert_eq!(cache.get(&d).expect("get"), Some(blob));
-        assert_eq!(cache.lookup_source("file:///other.gguf").expect("lookup"), None);
+        assert_eq!(
+            cache.lookup_source("file:///other.gguf").expect("lookup"),
+            None
+        );
         assert!(!p.exists(), "staged file was moved");
         let usage = cache.usage().expect("usage");
         assert_eq!(usage.used_bytes, 13);
@@ -487,9 +502,15 @@ mod tests {
         cache.commit(&p4, &d4, "4.gguf", "s4").expect("c4");
         // 15 more bytes need two evictions; 2 is pinned, so 1 and 3 go.
         assert!(cache.get(&d2).expect("get").is_some(), "pinned blob kept");
-        assert!(cache.get(&d1).expect("get").is_none(), "LRU unpinned evicted");
+        assert!(
+            cache.get(&d1).expect("get").is_none(),
+            "LRU unpinned evicted"
+        );
         assert!(cache.get(&d3).expect("get").is_none());
-        assert!(cache.lookup_source("s1").expect("lookup").is_none(), "ref removed with blob");
+        assert!(
+            cache.lookup_source("s1").expect("lookup").is_none(),
+            "ref removed with blob"
+        );
         assert_eq!(cache.usage().expect("usage").used_bytes, 25);
     }
 
@@ -501,11 +522,25 @@ mod tests {
         cache.commit(&p1, &d1, "1.gguf", "s1").expect("c1");
         cache.pin(&d1);
         let (p2, d2) = stage(&cache, "2", &[2u8; 10]);
-        let err = cache.commit(&p2, &d2, "2.gguf", "s2").expect_err("must not fit");
-        assert!(matches!(err, CacheError::Full { needed: 10, capacity: 20, pinned: 15 }), "{err}");
+        let err = cache
+            .commit(&p2, &d2, "2.gguf", "s2")
+            .expect_err("must not fit");
+        assert!(
+            matches!(
+                err,
+                CacheError::Full {
+                    needed: 10,
+                    capacity: 20,
+                    pinned: 15
+                }
+            ),
+            "{err}"
+        );
         assert!(cache.get(&d1).expect("get").is_some());
         cache.unpin(&d1);
-        cache.commit(&p2, &d2, "2.gguf", "s2").expect("fits once unpinned");
+        cache
+            .commit(&p2, &d2, "2.gguf", "s2")
+            .expect("fits once unpinned");
         assert!(cache.get(&d1).expect("get").is_none());
     }
 
@@ -518,7 +553,13 @@ mod tests {
         cache.commit(&p1, &d, "a.gguf", "sa").expect("c1");
         cache.commit(&p2, &d, "b.gguf", "sb").expect("c2");
         assert_eq!(cache.usage().expect("usage").used_bytes, 4);
-        assert_eq!(cache.lookup_source("sb").expect("lookup").map(|b| b.meta.sha256), Some(d.clone()));
+        assert_eq!(
+            cache
+                .lookup_source("sb")
+                .expect("lookup")
+                .map(|b| b.meta.sha256),
+            Some(d.clone())
+        );
         let meta = cache.get(&d).expect("get").expect("present").meta;
         assert_eq!(meta.sources, vec!["sa".to_string(), "sb".to_string()]);
     }

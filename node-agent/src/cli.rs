@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
-#[command(name = "node-agent", version, about = "LocalModel node agent: pulls model weights, runs them with mistral.rs, serves OpenAI- and Ollama-compatible HTTP")]
+#[command(
+    name = "node-agent",
+    version,
+    about = "LocalModel node agent: pulls model weights, runs them with mistral.rs, serves OpenAI- and Ollama-compatible HTTP"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

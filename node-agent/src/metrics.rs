@@ -50,13 +50,15 @@ const ITL_BUCKETS: &[f64] = &[
     0.75, 1.0, 2.5,
 ];
 const E2E_BUCKETS: &[f64] = &[
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-    240.0, 480.0, 960.0,
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0,
 ];
 const TOKEN_BUCKETS: &[f64] = &[
     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
 ];
-const LOAD_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+const LOAD_BUCKETS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
 
 impl Metrics {
     /// Creates the metrics and registers them in `registry`.
@@ -81,7 +83,10 @@ impl Metrics {
                 model
             )?),
             num_requests_waiting: reg!(IntGaugeVec::new(
-                Opts::new("vllm:num_requests_waiting", "Requests admitted and waiting for the engine."),
+                Opts::new(
+                    "vllm:num_requests_waiting",
+                    "Requests admitted and waiting for the engine."
+                ),
                 model
             )?),
             prompt_tokens: reg!(IntCounterVec::new(
@@ -194,9 +199,33 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
+    /// Creates every per-model series at zero, so dashboards and alerts see the model from the
+    /// moment it loads rather than after its first request.
+    pub fn init_model(&self, model: &str) {
+        let l = &[model];
+        self.num_requests_running.with_label_values(l).set(0);
+        self.num_requests_waiting.with_label_values(l).set(0);
+        self.prompt_tokens.with_label_values(l);
+        self.generation_tokens.with_label_values(l);
+        for reason in ["stop", "length", "tool_calls", "abort"] {
+            self.request_success.with_label_values(&[model, reason]);
+        }
+        for h in [
+            &self.request_prompt_tokens,
+            &self.request_generation_tokens,
+            &self.time_to_first_token,
+            &self.inter_token_latency,
+            &self.e2e_request_latency,
+            &self.request_queue_time,
+        ] {
+            h.with_label_values(l);
+        }
+    }
+
     /// Records the cache's state.
     pub fn set_cache(&self, used: u64, capacity: u64) {
-        self.cache_used_bytes.set(i64::try_from(used).unwrap_or(i64::MAX));
+        self.cache_used_bytes
+            .set(i64::try_from(used).unwrap_or(i64::MAX));
         self.cache_capacity_bytes
             .set(i64::try_from(capacity).unwrap_or(i64::MAX));
     }
@@ -263,12 +292,20 @@ mod tests {
             .with_label_values(&["smollm2"])
             .observe(0.2);
         let text = m.render();
-        assert!(text.contains("vllm:prompt_tokens_total{model_name=\"smollm2\"} 3"), "{text}");
         assert!(
-            text.contains("vllm:request_success_total{finished_reason=\"stop\",model_name=\"smollm2\"} 1"),
+            text.contains("vllm:prompt_tokens_total{model_name=\"smollm2\"} 3"),
             "{text}"
         );
-        assert!(text.contains("vllm:time_to_first_token_seconds_bucket"), "{text}");
+        assert!(
+            text.contains(
+                "vllm:request_success_total{finished_reason=\"stop\",model_name=\"smollm2\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("vllm:time_to_first_token_seconds_bucket"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -10,7 +10,11 @@ use tokio::sync::watch;
 use crate::puller::{PullProgress, PullStage};
 
 /// Shows the progress published on `rx` until the pull reports `Done` or the sender is dropped.
-pub fn show(mut rx: watch::Receiver<PullProgress>, label: String, quiet: bool) -> tokio::task::JoinHandle<()> {
+pub fn show(
+    mut rx: watch::Receiver<PullProgress>,
+    label: String,
+    quiet: bool,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if quiet {
             return;
@@ -38,7 +42,9 @@ pub fn show(mut rx: watch::Receiver<PullProgress>, label: String, quiet: bool) -
                     b.set_length(t);
                 }
                 b.set_position(p.bytes);
-            } else if p.stage == PullStage::Downloading && last_log.elapsed() >= Duration::from_secs(5) {
+            } else if p.stage == PullStage::Downloading
+                && last_log.elapsed() >= Duration::from_secs(5)
+            {
                 last_log = Instant::now();
                 let pct = p.percent().map(|x| format!("{x:.0}%")).unwrap_or_default();
                 tracing::info!(model = %label, bytes = p.bytes, total = ?p.total, rate = format!("{:.1} MB/s", p.bytes_per_second / 1e6), eta = ?p.eta().map(|d| d.as_secs()), "pulling {pct}");

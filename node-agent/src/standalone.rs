@@ -140,7 +140,10 @@ pub fn load_spec(m: &LocalModel, blob: &CachedBlob) -> LoadSpec {
         path: blob.path.clone(),
         sha256: blob.meta.sha256.clone(),
         context_length: engine.context_length.map(|c| c as usize),
-        max_seqs: engine.max_concurrent_sequences.map(|c| c as usize).unwrap_or(4),
+        max_seqs: engine
+            .max_concurrent_sequences
+            .map(|c| c as usize)
+            .unwrap_or(4),
         prefix_cache: engine.prefix_cache.unwrap_or(true),
         chat_template: engine.chat_template.clone(),
     }
@@ -216,9 +219,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), AgentError> {
         for m in &models {
             let name = served_name(m);
             let source = parse_source(&m.spec.source)?;
-            let blob =
-                pull_with_progress(&puller, &source, m.spec.sha256.as_deref(), &name, args.quiet)
-                    .await?;
+            let blob = pull_with_progress(
+                &puller,
+                &source,
+                m.spec.sha256.as_deref(),
+                &name,
+                args.quiet,
+            )
+            .await?;
             puller.cache().pin(&blob.meta.sha256);
             let timer = DropTimer::new(metrics.load_seconds.with_label_values(&[name.as_str()]));
             tracing::info!(model = %name, path = %blob.path.display(), "loading");
@@ -230,6 +238,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), AgentError> {
                     return Err(AgentError::Engine(e));
                 }
             }
+            metrics.init_model(&name);
             metrics.models_loaded.inc();
         }
         Ok::<(), AgentError>(())

@@ -134,7 +134,11 @@ impl Placement {
         format!(
             "placed on {}: {}{} GiB free after reserving {} GiB",
             self.node,
-            if self.cached { "weights already cached, " } else { "" },
+            if self.cached {
+                "weights already cached, "
+            } else {
+                ""
+            },
             gib(self.free_after),
             gib(needed)
         )
@@ -168,8 +172,7 @@ pub fn fits(m: &ModelRequest, node: &NodeView, bound: &[BoundReplica]) -> Result
     if !node.heartbeating {
         return Err(Rejection::NotHeartbeating);
     }
-    if m
-        .node_selector
+    if m.node_selector
         .iter()
         .any(|(k, v)| node.labels.get(k) != Some(v))
     {
@@ -187,7 +190,10 @@ pub fn fits(m: &ModelRequest, node: &NodeView, bound: &[BoundReplica]) -> Result
             return Err(Rejection::NoMatchingGpu(p.clone()));
         }
     }
-    if bound.iter().any(|r| r.node == node.name && r.model == m.name) {
+    if bound
+        .iter()
+        .any(|r| r.node == node.name && r.model == m.name)
+    {
         return Err(Rejection::AlreadyHostsReplica);
     }
     let free = available(node, bound);
@@ -201,7 +207,12 @@ pub fn fits(m: &ModelRequest, node: &NodeView, bound: &[BoundReplica]) -> Result
 }
 
 /// Places `want` more replicas of `m`, one per node, updating reservations as it goes.
-pub fn place(m: &ModelRequest, nodes: &[NodeView], bound: &[BoundReplica], want: usize) -> Decision {
+pub fn place(
+    m: &ModelRequest,
+    nodes: &[NodeView],
+    bound: &[BoundReplica],
+    want: usize,
+) -> Decision {
     let mut bound = bound.to_vec();
     let mut placements = Vec::new();
     for _ in 0..want {
@@ -338,7 +349,10 @@ mod tests {
             },
             Case {
                 name: "spread picks the emptiest",
-                model: ModelRequest { strategy: Strategy::Spread, ..model(4) },
+                model: ModelRequest {
+                    strategy: Strategy::Spread,
+                    ..model(4)
+                },
                 nodes: vec![node("a", 20), node("b", 6), node("c", 10)],
                 bound: vec![],
                 want: 1,
@@ -367,7 +381,11 @@ mod tests {
                 name: "reservations of replicas still loading count",
                 model: model(4),
                 nodes: vec![node("a", 6), node("b", 9)],
-                bound: vec![BoundReplica { model: "other".into(), node: "b".into(), reserved_bytes: 7 * GIB }],
+                bound: vec![BoundReplica {
+                    model: "other".into(),
+                    node: "b".into(),
+                    reserved_bytes: 7 * GIB,
+                }],
                 want: 1,
                 expect: vec!["a"],
                 unschedulable: false,
@@ -378,7 +396,12 @@ mod tests {
                     node_selector: [("pool".to_string(), "gpu".to_string())].into(),
                     ..model(1)
                 },
-                nodes: vec![node("a", 10), tainted(labelled(node("b", 10))), dead(labelled(node("c", 10))), labelled(node("d", 2))],
+                nodes: vec![
+                    node("a", 10),
+                    tainted(labelled(node("b", 10))),
+                    dead(labelled(node("c", 10))),
+                    labelled(node("d", 2)),
+                ],
                 bound: vec![],
                 want: 1,
                 expect: vec!["d"],
@@ -387,7 +410,11 @@ mod tests {
             Case {
                 name: "a toleration admits the tainted node",
                 model: ModelRequest {
-                    tolerations: vec![Toleration { key: Some("nvidia.com/gpu".into()), operator: Some("Exists".into()), ..Default::default() }],
+                    tolerations: vec![Toleration {
+                        key: Some("nvidia.com/gpu".into()),
+                        operator: Some("Exists".into()),
+                        ..Default::default()
+                    }],
                     ..model(1)
                 },
                 nodes: vec![tainted(node("b", 10))],
@@ -398,7 +425,10 @@ mod tests {
             },
             Case {
                 name: "GPU product is honoured",
-                model: ModelRequest { gpu_product: Some("NVIDIA-H100".into()), ..model(1) },
+                model: ModelRequest {
+                    gpu_product: Some("NVIDIA-H100".into()),
+                    ..model(1)
+                },
                 nodes: vec![node("a", 80), {
                     let mut n = node("h", 10);
                     n.gpus[0].product = "NVIDIA-H100".into();
@@ -422,7 +452,13 @@ mod tests {
         for c in cases {
             let d = place(&c.model, &c.nodes, &c.bound, c.want);
             assert_eq!(names(&d), c.expect, "{}", c.name);
-            assert_eq!(d.unschedulable.is_some(), c.unschedulable, "{}: {:?}", c.name, d.unschedulable);
+            assert_eq!(
+                d.unschedulable.is_some(),
+                c.unschedulable,
+                "{}: {:?}",
+                c.name,
+                d.unschedulable
+            );
         }
     }
 
@@ -432,13 +468,22 @@ mod tests {
         let msg = d.unschedulable.expect("unschedulable");
         assert!(msg.contains("50.0 GiB needed"), "{msg}");
         assert!(msg.contains("40.0 GiB"), "{msg}");
-        let none = place(&model(1), &[], &[], 1).unschedulable.expect("no nodes");
+        let none = place(&model(1), &[], &[], 1)
+            .unschedulable
+            .expect("no nodes");
         assert!(none.contains("no live node agents"), "{none}");
     }
 
     #[test]
     fn reason_reads_well() {
-        let p = Placement { node: "a".into(), cached: true, free_after: 2 * GIB };
-        assert_eq!(p.reason(4 * GIB), "placed on a: weights already cached, 2.0 GiB free after reserving 4.0 GiB");
+        let p = Placement {
+            node: "a".into(),
+            cached: true,
+            free_after: 2 * GIB,
+        };
+        assert_eq!(
+            p.reason(4 * GIB),
+            "placed on a: weights already cached, 2.0 GiB free after reserving 4.0 GiB"
+        );
     }
 }

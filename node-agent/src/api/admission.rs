@@ -86,12 +86,10 @@ impl Admission {
             drop(guard);
             return Err(ApiError::queue_full(&self.model, self.retry_after_secs));
         }
-        let permit = self
-            .running
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::unavailable(format!("model `{}` is unloading", self.model)))?;
+        let permit =
+            self.running.clone().acquire_owned().await.map_err(|_| {
+                ApiError::unavailable(format!("model `{}` is unloading", self.model))
+            })?;
         drop(guard);
         running_gauge.inc();
         Ok(Slot {

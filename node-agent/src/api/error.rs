@@ -50,7 +50,9 @@ impl ApiError {
             ..Self::new(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
-                format!("The model `{model}` does not exist or is not served here; GET /v1/models lists the models served."),
+                format!(
+                    "The model `{model}` does not exist or is not served here; GET /v1/models lists the models served."
+                ),
             )
         }
     }
@@ -149,7 +151,9 @@ impl IntoResponse for ApiError {
 /// Parses a JSON body, naming the field on a type error.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
-        return Err(ApiError::malformed("The request body is empty; send a JSON object."));
+        return Err(ApiError::malformed(
+            "The request body is empty; send a JSON object.",
+        ));
     }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {

@@ -55,9 +55,7 @@ pub struct AppState {
 impl AppState {
     /// Answers an error, counting it.
     pub fn fail(&self, model: Option<&str>, e: ApiError) -> Response {
-        let model = model
-            .filter(|m| self.engine.get(m).is_some())
-            .unwrap_or("");
+        let model = model.filter(|m| self.engine.get(m).is_some()).unwrap_or("");
         self.metrics
             .request_errors
             .with_label_values(&[model, e.status.as_str()])
@@ -110,6 +108,7 @@ impl AppState {
             _slot: slot,
             rx,
             arrival,
+            prompt_tokens,
             metrics: self.metrics.clone(),
         })
     }
@@ -130,6 +129,8 @@ pub struct Generation {
     _slot: Slot,
     rx: mpsc::Receiver<Result<Event, EngineError>>,
     arrival: Instant,
+    /// Prompt tokens counted before admission (streamed text completions report none).
+    prompt_tokens: usize,
     metrics: Metrics,
 }
 
@@ -159,7 +160,12 @@ pub struct Tracked {
 
 impl Tracked {
     pub async fn next(&mut self) -> Option<Result<Event, ApiError>> {
-        let item = self.g.rx.recv().await?;
+        let mut item = self.g.rx.recv().await?;
+        if let Ok(Event::Finished { usage, .. }) = &mut item {
+            if usage.prompt_tokens == 0 {
+                usage.prompt_tokens = self.g.prompt_tokens;
+            }
+        }
         let name = self.g.model.card.name.as_str();
         let m = &self.g.metrics;
         match &item {
@@ -183,9 +189,7 @@ impl Tracked {
             }
             Err(_) => {
                 self.finished = true;
-                m.request_errors
-                    .with_label_values(&[name, "500"])
-                    .inc();
+                m.request_errors.with_label_values(&[name, "500"]).inc();
             }
         }
         Some(item.map_err(api_error))
@@ -230,7 +234,9 @@ impl Tracked {
                 Event::Finished { reason, usage } => return Ok((text, calls, reason, usage)),
             }
         }
-        Err(ApiError::internal("the engine ended the generation without finishing it"))
+        Err(ApiError::internal(
+            "the engine ended the generation without finishing it",
+        ))
     }
 }
 

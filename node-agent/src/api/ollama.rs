@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::error::{ApiError, parse_json};
 use super::AppState;
+use super::error::{ApiError, parse_json};
 use crate::engine::types::{ChatTurn, Event, ModelCard, OutputFormat, Prompt, Sampling};
 
 /// The Ollama API level implemented here (clients gate features on it).
@@ -129,22 +129,36 @@ fn sampling_from(o: &Options, format: &Option<Value>) -> Result<Sampling, ApiErr
     };
     if let Some(t) = o.temperature {
         if !(0.0..=2.0).contains(&t) {
-            return Err(ApiError::bad_param(field("temperature"), format!("must be between 0 and 2, got {t}")));
+            return Err(ApiError::bad_param(
+                field("temperature"),
+                format!("must be between 0 and 2, got {t}"),
+            ));
         }
     }
     if let Some(p) = o.top_p {
         if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::bad_param(field("top_p"), format!("must be in (0, 1], got {p}")));
+            return Err(ApiError::bad_param(
+                field("top_p"),
+                format!("must be in (0, 1], got {p}"),
+            ));
         }
     }
     let top_k = match o.top_k {
         None | Some(0) => None,
         Some(k) if k > 0 => Some(usize::try_from(k).unwrap_or(usize::MAX)),
-        Some(k) => return Err(ApiError::bad_param(field("top_k"), format!("must be positive, got {k}"))),
+        Some(k) => {
+            return Err(ApiError::bad_param(
+                field("top_k"),
+                format!("must be positive, got {k}"),
+            ));
+        }
     };
     let seed = match o.seed {
         None => None,
-        Some(s) => Some(u64::try_from(s).map_err(|_| ApiError::bad_param(field("seed"), "must not be negative"))?),
+        Some(s) => Some(
+            u64::try_from(s)
+                .map_err(|_| ApiError::bad_param(field("seed"), "must not be negative"))?,
+        ),
     };
     let format = match format {
         None | Some(Value::Null) => OutputFormat::Text,
@@ -152,7 +166,10 @@ fn sampling_from(o: &Options, format: &Option<Value>) -> Result<Sampling, ApiErr
         Some(Value::String(s)) if s == "json" => OutputFormat::JsonObject,
         Some(v @ Value::Object(_)) => OutputFormat::JsonSchema(v.clone()),
         Some(other) => {
-            return Err(ApiError::bad_param("format", format!("must be \"json\" or a JSON schema object, got {other}")));
+            return Err(ApiError::bad_param(
+                "format",
+                format!("must be \"json\" or a JSON schema object, got {other}"),
+            ));
         }
     };
     Ok(Sampling {
@@ -205,7 +222,11 @@ async fn respond(
             json!({"response": text})
         }
     };
-    let finish = move |name: &str, reason: &str, usage: crate::engine::types::Usage, first: Option<Instant>, text: &str| {
+    let finish = move |name: &str,
+                       reason: &str,
+                       usage: crate::engine::types::Usage,
+                       first: Option<Instant>,
+                       text: &str| {
         let end = Instant::now();
         let first = first.unwrap_or(end);
         let mut v = piece(text, None);
@@ -229,7 +250,8 @@ async fn respond(
             calls
                 .iter()
                 .map(|c| {
-                    let args: Value = serde_json::from_str(&c.arguments).unwrap_or(Value::String(c.arguments.clone()));
+                    let args: Value = serde_json::from_str(&c.arguments)
+                        .unwrap_or(Value::String(c.arguments.clone()));
                     json!({"function": {"name": c.name, "arguments": args}})
                 })
                 .collect(),
@@ -242,7 +264,10 @@ async fn respond(
         let mut calls = Vec::new();
         loop {
             match tracked.next().await {
-                Some(Ok(Event::Delta { text: t, tool_calls })) => {
+                Some(Ok(Event::Delta {
+                    text: t,
+                    tool_calls,
+                })) => {
                     first.get_or_insert_with(Instant::now);
                     text.push_str(&t);
                     calls.extend(tool_calls);
@@ -258,7 +283,11 @@ async fn respond(
                 }
                 Some(Err(e)) => return ollama_error(&state, Some(&name), e),
                 None => {
-                    return ollama_error(&state, Some(&name), ApiError::internal("generation ended early"));
+                    return ollama_error(
+                        &state,
+                        Some(&name),
+                        ApiError::internal("generation ended early"),
+                    );
                 }
             }
         }
@@ -315,11 +344,17 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Response {
             if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
                 return Err(ApiError::bad_param(
                     format!("messages[{i}].role"),
-                    format!("must be one of system, user, assistant, tool; got {:?}", m.role),
+                    format!(
+                        "must be one of system, user, assistant, tool; got {:?}",
+                        m.role
+                    ),
                 ));
             }
             if m.images.as_ref().is_some_and(|v| !v.is_empty()) {
-                return Err(ApiError::bad_param(format!("messages[{i}].images"), "this model takes text only"));
+                return Err(ApiError::bad_param(
+                    format!("messages[{i}].images"),
+                    "this model takes text only",
+                ));
             }
             turns.push(ChatTurn {
                 role: m.role.clone(),
@@ -349,7 +384,15 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Response {
         tools: req.tools.clone(),
         tool_choice: None,
     };
-    respond(state, model, prompt, sampling, req.stream.unwrap_or(true), true).await
+    respond(
+        state,
+        model,
+        prompt,
+        sampling,
+        req.stream.unwrap_or(true),
+        true,
+    )
+    .await
 }
 
 /// `POST /api/generate`.
@@ -363,10 +406,18 @@ pub async fn generate(State(state): State<AppState>, body: Bytes) -> Response {
         Err(e) => return ollama_error(&state, None, e),
     };
     if req.images.as_ref().is_some_and(|v| !v.is_empty()) {
-        return ollama_error(&state, Some(&model), ApiError::bad_param("images", "this model takes text only"));
+        return ollama_error(
+            &state,
+            Some(&model),
+            ApiError::bad_param("images", "this model takes text only"),
+        );
     }
     if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
-        return ollama_error(&state, Some(&model), ApiError::bad_param("suffix", "fill-in-the-middle is not supported"));
+        return ollama_error(
+            &state,
+            Some(&model),
+            ApiError::bad_param("suffix", "fill-in-the-middle is not supported"),
+        );
     }
     let sampling = match sampling_from(&req.options, &req.format) {
         Ok(s) => s,
@@ -405,7 +456,15 @@ pub async fn generate(State(state): State<AppState>, body: Bytes) -> Response {
             tool_choice: None,
         }
     };
-    respond(state, model, prompt, sampling, req.stream.unwrap_or(true), false).await
+    respond(
+        state,
+        model,
+        prompt,
+        sampling,
+        req.stream.unwrap_or(true),
+        false,
+    )
+    .await
 }
 
 fn parameter_size(n: Option<u64>) -> String {
@@ -530,8 +589,9 @@ mod tests {
 
     #[test]
     fn options_map_to_sampling() {
-        let o: Options = serde_json::from_value(json!({"num_predict": 8, "temperature": 0.0, "stop": ["\n"]}))
-            .expect("options");
+        let o: Options =
+            serde_json::from_value(json!({"num_predict": 8, "temperature": 0.0, "stop": ["\n"]}))
+                .expect("options");
         let s = sampling_from(&o, &Some(json!("json"))).expect("valid");
         assert_eq!(s.max_tokens, Some(8));
         assert_eq!(s.format, OutputFormat::JsonObject);

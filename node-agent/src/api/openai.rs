@@ -12,9 +12,7 @@ use serde_json::{Value, json};
 
 use super::error::{ApiError, parse_json};
 use super::{AppState, Generation, Tracked};
-use crate::engine::types::{
-    ChatTurn, Event, OutputFormat, Prompt, Sampling, ToolCall, Usage,
-};
+use crate::engine::types::{ChatTurn, Event, OutputFormat, Prompt, Sampling, ToolCall, Usage};
 
 /// `stop`: one string or a list.
 #[derive(Debug, Deserialize)]
@@ -98,7 +96,8 @@ pub struct ChatCompletionRequest {
     pub messages: Vec<ChatMessage>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
-    #[serde(flatten)]
+    /// Parsed separately from the same body, so type errors name their field.
+    #[serde(skip)]
     pub common: CommonParams,
 }
 
@@ -108,7 +107,7 @@ pub struct CompletionRequest {
     pub prompt: Value,
     pub suffix: Option<String>,
     pub echo: Option<bool>,
-    #[serde(flatten)]
+    #[serde(skip)]
     pub common: CommonParams,
 }
 
@@ -116,7 +115,10 @@ fn positive(field: &str, v: Option<i64>) -> Result<Option<usize>, ApiError> {
     match v {
         None => Ok(None),
         Some(n) if n >= 1 => Ok(Some(usize::try_from(n).unwrap_or(usize::MAX))),
-        Some(n) => Err(ApiError::bad_param(field, format!("must be at least 1, got {n}"))),
+        Some(n) => Err(ApiError::bad_param(
+            field,
+            format!("must be at least 1, got {n}"),
+        )),
     }
 }
 
@@ -155,19 +157,30 @@ pub fn sampling_from(c: &CommonParams) -> Result<Sampling, ApiError> {
     in_range("repetition_penalty", c.repetition_penalty, 0.0, 10.0)?;
     if let Some(n) = c.n {
         if n != 1 {
-            return Err(ApiError::bad_param("n", format!("only 1 choice per request is supported, got {n}")));
+            return Err(ApiError::bad_param(
+                "n",
+                format!("only 1 choice per request is supported, got {n}"),
+            ));
         }
     }
     match &c.logprobs {
         None | Some(Value::Null) | Some(Value::Bool(false)) => {}
         Some(_) => {
-            return Err(ApiError::bad_param("logprobs", "log probabilities are not supported"));
+            return Err(ApiError::bad_param(
+                "logprobs",
+                "log probabilities are not supported",
+            ));
         }
     }
     let top_k = match c.top_k {
         None | Some(-1) | Some(0) => None,
         Some(k) if k > 0 => Some(usize::try_from(k).unwrap_or(usize::MAX)),
-        Some(k) => return Err(ApiError::bad_param("top_k", format!("must be positive, got {k}"))),
+        Some(k) => {
+            return Err(ApiError::bad_param(
+                "top_k",
+                format!("must be positive, got {k}"),
+            ));
+        }
     };
     let stop = match &c.stop {
         None => Vec::new(),
@@ -175,14 +188,19 @@ pub fn sampling_from(c: &CommonParams) -> Result<Sampling, ApiError> {
         Some(Stop::Many(v)) => v.clone(),
     };
     if stop.len() > 4 {
-        return Err(ApiError::bad_param("stop", format!("at most 4 sequences, got {}", stop.len())));
+        return Err(ApiError::bad_param(
+            "stop",
+            format!("at most 4 sequences, got {}", stop.len()),
+        ));
     }
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::bad_param("stop", "sequences must not be empty"));
     }
     let seed = match c.seed {
         None => None,
-        Some(s) => Some(u64::try_from(s).map_err(|_| ApiError::bad_param("seed", "must not be negative"))?),
+        Some(s) => Some(
+            u64::try_from(s).map_err(|_| ApiError::bad_param("seed", "must not be negative"))?,
+        ),
     };
     let format = match &c.response_format {
         None | Some(ResponseFormat::Text) => OutputFormat::Text,
@@ -215,7 +233,10 @@ pub fn sampling_from(c: &CommonParams) -> Result<Sampling, ApiError> {
 /// Validates chat messages and flattens their content to text.
 pub fn chat_turns(messages: &[ChatMessage]) -> Result<Vec<ChatTurn>, ApiError> {
     if messages.is_empty() {
-        return Err(ApiError::bad_param("messages", "must contain at least one message"));
+        return Err(ApiError::bad_param(
+            "messages",
+            "must contain at least one message",
+        ));
     }
     let mut turns = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
@@ -281,10 +302,19 @@ pub fn chat_turns(messages: &[ChatMessage]) -> Result<Vec<ChatTurn>, ApiError> {
 fn validate_tools(tools: &Option<Vec<Value>>) -> Result<(), ApiError> {
     for (i, t) in tools.iter().flatten().enumerate() {
         if t.get("type").and_then(Value::as_str) != Some("function") {
-            return Err(ApiError::bad_param(format!("tools[{i}].type"), "must be \"function\""));
+            return Err(ApiError::bad_param(
+                format!("tools[{i}].type"),
+                "must be \"function\"",
+            ));
         }
-        if t.pointer("/function/name").and_then(Value::as_str).is_none() {
-            return Err(ApiError::bad_param(format!("tools[{i}].function.name"), "is required"));
+        if t.pointer("/function/name")
+            .and_then(Value::as_str)
+            .is_none()
+        {
+            return Err(ApiError::bad_param(
+                format!("tools[{i}].function.name"),
+                "is required",
+            ));
         }
     }
     Ok(())
@@ -323,11 +353,23 @@ fn tool_calls_json(calls: &[ToolCall], with_index: bool) -> Value {
 }
 
 /// `POST /v1/chat/completions`.
+/// Parses a request body and, separately, its sampling fields.
+fn parse_with_common<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    set: impl FnOnce(&mut T, CommonParams),
+) -> Result<T, ApiError> {
+    let mut req: T = parse_json(body)?;
+    let common: CommonParams = parse_json(body)?;
+    set(&mut req, common);
+    Ok(req)
+}
+
 pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
-    let req: ChatCompletionRequest = match parse_json(&body) {
-        Ok(r) => r,
-        Err(e) => return state.fail(None, e),
-    };
+    let req: ChatCompletionRequest =
+        match parse_with_common(&body, |r: &mut ChatCompletionRequest, c| r.common = c) {
+            Ok(r) => r,
+            Err(e) => return state.fail(None, e),
+        };
     let model = req.model.clone();
     let prepared = (|| {
         let sampling = sampling_from(&req.common)?;
@@ -450,10 +492,11 @@ fn completion_prompt(v: &Value) -> Result<String, ApiError> {
 
 /// `POST /v1/completions`.
 pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
-    let req: CompletionRequest = match parse_json(&body) {
-        Ok(r) => r,
-        Err(e) => return state.fail(None, e),
-    };
+    let req: CompletionRequest =
+        match parse_with_common(&body, |r: &mut CompletionRequest, c| r.common = c) {
+            Ok(r) => r,
+            Err(e) => return state.fail(None, e),
+        };
     let model = req.model.clone();
     let prepared = (|| {
         if req.suffix.is_some() {
@@ -515,14 +558,20 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Response
             }
             yield Ok(SseEvent::default().data("[DONE]"));
         };
-        return Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
+        return Sse::new(stream)
+            .keep_alive(KeepAlive::default())
+            .into_response();
     }
     let mut tracked = generation.tracked();
     let (text, _calls, reason, usage) = match tracked.collect().await {
         Ok(r) => r,
         Err(e) => return state.fail(Some(&model), e),
     };
-    let text = if echo { format!("{prompt_text}{text}") } else { text };
+    let text = if echo {
+        format!("{prompt_text}{text}")
+    } else {
+        text
+    };
     axum::Json(json!({
         "id": id,
         "object": "text_completion",
@@ -564,18 +613,25 @@ mod tests {
 
     #[test]
     fn validates_sampling_and_names_fields() {
-        let s = sampling_from(&common(json!({"max_tokens": 5, "temperature": 0.5, "stop": "x"})))
-            .expect("valid");
+        let s = sampling_from(&common(
+            json!({"max_tokens": 5, "temperature": 0.5, "stop": "x"}),
+        ))
+        .expect("valid");
         assert_eq!(s.max_tokens, Some(5));
         assert_eq!(s.stop, vec!["x".to_string()]);
-        let s = sampling_from(&common(json!({"max_tokens": 5, "max_completion_tokens": 7})))
-            .expect("valid");
+        let s = sampling_from(&common(
+            json!({"max_tokens": 5, "max_completion_tokens": 7}),
+        ))
+        .expect("valid");
         assert_eq!(s.max_tokens, Some(7));
         for (body, field) in [
             (json!({"temperature": 3.0}), "temperature"),
             (json!({"top_p": 0.0}), "top_p"),
             (json!({"max_tokens": 0}), "max_tokens"),
-            (json!({"max_completion_tokens": -1}), "max_completion_tokens"),
+            (
+                json!({"max_completion_tokens": -1}),
+                "max_completion_tokens",
+            ),
             (json!({"n": 2}), "n"),
             (json!({"stop": ["a","b","c","d","e"]}), "stop"),
             (json!({"presence_penalty": 5}), "presence_penalty"),
@@ -593,7 +649,10 @@ mod tests {
         let s = sampling_from(&common(json!({"response_format": {"type": "json_schema",
             "json_schema": {"name": "x", "schema": {"type": "object"}}}})))
         .expect("valid");
-        assert_eq!(s.format, OutputFormat::JsonSchema(json!({"type": "object"})));
+        assert_eq!(
+            s.format,
+            OutputFormat::JsonSchema(json!({"type": "object"}))
+        );
     }
 
     #[test]
@@ -612,10 +671,9 @@ mod tests {
             chat_turns(&bad).expect_err("role").param.as_deref(),
             Some("messages[0].role")
         );
-        let img: Vec<ChatMessage> = serde_json::from_value(
-            json!([{"role": "user", "content": [{"type": "image_url"}]}]),
-        )
-        .expect("parse");
+        let img: Vec<ChatMessage> =
+            serde_json::from_value(json!([{"role": "user", "content": [{"type": "image_url"}]}]))
+                .expect("parse");
         assert_eq!(
             chat_turns(&img).expect_err("image").param.as_deref(),
             Some("messages[0].content[0].type")

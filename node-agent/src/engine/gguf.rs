@@ -70,7 +70,8 @@ pub fn read_header(path: &Path) -> Result<GgufHeader, EngineError> {
     };
     let mut f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
     let file_len = f.metadata().map_err(|e| bad(e.to_string()))?.len();
-    let content = Content::read(&mut f).map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
+    let content =
+        Content::read(&mut f).map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
     let md = &content.metadata;
     let architecture = match md.get("general.architecture") {
         Some(Value::String(s)) => s.clone(),
@@ -143,7 +144,10 @@ mod tests {
         // kv_dim = 576 / 9 * 3 = 192; KV = 2 * 30 * 192 * 2048 * 4 * 2 bytes.
         let kv = 2 * 30 * 192 * 2048 * 4 * 2u64;
         let base = 98_000_000 + kv;
-        assert_eq!(estimate_memory(&h, 2048, 4, 2), base + base / 10 + 256 * 1024 * 1024);
+        assert_eq!(
+            estimate_memory(&h, 2048, 4, 2),
+            base + base / 10 + 256 * 1024 * 1024
+        );
         assert!(estimate_memory(&h, 4096, 4, 2) > estimate_memory(&h, 2048, 4, 2));
     }
 

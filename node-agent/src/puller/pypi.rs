@@ -217,7 +217,11 @@ fn split_fragment(mut url: reqwest::Url) -> (String, Option<String>) {
 }
 
 /// Picks the wheel of `version` (a pure-Python wheel first).
-pub fn pick_wheel<'a>(files: &'a [IndexFile], package: &str, version: &str) -> Option<&'a IndexFile> {
+pub fn pick_wheel<'a>(
+    files: &'a [IndexFile],
+    package: &str,
+    version: &str,
+) -> Option<&'a IndexFile> {
     let norm = normalize_name(package);
     let mut matching: Vec<&IndexFile> = files
         .iter()
@@ -351,11 +355,12 @@ pub fn extract_member(
         path: wheel.to_path_buf(),
         source,
     })?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| werr(format!("not a zip archive: {e}")))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| werr(format!("not a zip archive: {e}")))?;
     let record = record_digest(&mut zip, member);
-    let mut entry = zip.by_name(member).map_err(|_| {
-        werr(format!("has no member {member:?}"))
-    })?;
+    let mut entry = zip
+        .by_name(member)
+        .map_err(|_| werr(format!("has no member {member:?}")))?;
     let mut out = std::fs::File::create(dest).map_err(|source| PullError::Io {
         path: dest.to_path_buf(),
         source,
@@ -391,7 +396,10 @@ fn record_digest(zip: &mut zip::ZipArchive<std::fs::File>, member: &str) -> Opti
         .find(|n| n.ends_with(".dist-info/RECORD"))?
         .to_string();
     let mut text = String::new();
-    zip.by_name(&record_name).ok()?.read_to_string(&mut text).ok()?;
+    zip.by_name(&record_name)
+        .ok()?
+        .read_to_string(&mut text)
+        .ok()?;
     parse_record(&text, member)
 }
 
@@ -428,8 +436,12 @@ mod tests {
             index_url_from_ini(conf).as_deref(),
             Some("https://mirror.example/simple")
         );
-        let conf = "[global]\nindex_url=https://a/simple\n[download]\nindex-url = https://b/simple\n";
-        assert_eq!(index_url_from_ini(conf).as_deref(), Some("https://b/simple"));
+        let conf =
+            "[global]\nindex_url=https://a/simple\n[download]\nindex-url = https://b/simple\n";
+        assert_eq!(
+            index_url_from_ini(conf).as_deref(),
+            Some("https://b/simple")
+        );
         assert_eq!(index_url_from_ini("[global]\ncert = /x\n"), None);
     }
 
@@ -437,9 +449,12 @@ mod tests {
     fn parses_json_and_html_pages() {
         let base = reqwest::Url::parse("https://idx.example/simple/pkg/").expect("url");
         let json = r#"{"files":[{"filename":"pkg-1.0-py3-none-any.whl","url":"../../files/pkg-1.0-py3-none-any.whl","hashes":{"sha256":"ab"}}]}"#;
-        let files = parse_project_page(json, "application/vnd.pypi.simple.v1+json", &base)
-            .expect("json");
-        assert_eq!(files[0].url, "https://idx.example/files/pkg-1.0-py3-none-any.whl");
+        let files =
+            parse_project_page(json, "application/vnd.pypi.simple.v1+json", &base).expect("json");
+        assert_eq!(
+            files[0].url,
+            "https://idx.example/files/pkg-1.0-py3-none-any.whl"
+        );
         assert_eq!(files[0].sha256.as_deref(), Some("ab"));
         let html = r#"<html><body><a href="/f/pkg-1.0.tar.gz#sha256=cd">pkg-1.0.tar.gz</a>
             <a href="https://cdn.example/pkg-1.0-py3-none-any.whl#sha256=ef" data-requires-python="&gt;=3.9">pkg-1.0-py3-none-any.whl</a></body></html>"#;

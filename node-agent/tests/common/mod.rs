@@ -76,7 +76,7 @@ impl Agent {
     fn wait_ready(&self, within: Duration) {
         let deadline = Instant::now() + within;
         let client = reqwest::blocking::Client::new();
-        let mut last = String::from("no answer yet");
+        let mut last;
         loop {
             match client.get(format!("{}/readyz", self.base)).send() {
                 Ok(r) if r.status() == 200 => return,
@@ -155,7 +155,9 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         if line.starts_with('#') {
             continue;
         }
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         let (n, lbl) = match series.split_once('{') {
             Some((n, rest)) => (n, rest.trim_end_matches('}')),
             None => (series, ""),
