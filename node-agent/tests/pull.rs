@@ -423,3 +423,40 @@ async fn local_files_are_hashed_and_pinned() {
         .expect_err("absent");
     assert!(matches!(err, PullError::NotFound { .. }), "{err}");
 }
+
+/// `node-agent pull` as a user runs it: the path and digest on success; a clear error and a
+/// non-zero exit on a checksum mismatch, with nothing cached.
+#[test]
+fn pull_command_reports_path_or_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = dir.path().join("w.gguf");
+    let data = payload(50_000);
+    std::fs::write(&f, &data).expect("write");
+    let cache = dir.path().join("cache");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_node-agent"))
+            .args(["pull", "-q"])
+            .arg(format!("file://{}", f.display()))
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(extra)
+            .output()
+            .expect("node-agent runs")
+    };
+    let bad = run(&["--sha256", &"a".repeat(64)]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert_eq!(std::fs::read_dir(cache.join("blobs")).expect("blobs").count(), 0);
+    let ok = run(&["--sha256", &sha(&data)]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(out.contains(&format!("sha256:{}", sha(&data))), "{out}");
+    assert!(out.trim_start().starts_with(cache.to_str().expect("utf8")), "{out}");
+    let invalid = std::process::Command::new(env!("CARGO_BIN_EXE_node-agent"))
+        .args(["pull", "ftp://example/x.gguf"])
+        .output()
+        .expect("runs");
+    assert!(!invalid.status.success());
+    assert!(String::from_utf8_lossy(&invalid.stderr).contains("invalid source"));
+}

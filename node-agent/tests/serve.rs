@@ -508,7 +508,7 @@ async fn full_queue_is_429_and_disconnect_frees_the_slot() {
         dir.path(),
         "tight.yaml",
         &format!(
-            "apiVersion: localmodel.dev/v1alpha1\nkind: LocalModel\nmetadata:\n  name: tight\nspec:\n  source: {SMOLLM2}\n  engine:\n    contextLength: 1024\n    maxConcurrentSequences: 1\n"
+            "apiVersion: localmodel.dev/v1alpha1\nkind: LocalModel\nmetadata:\n  name: tight\nspec:\n  source: {SMOLLM2}\n  engine:\n    contextLength: 1024\n    maxConcurrentSequences: 1\n---\napiVersion: localmodel.dev/v1alpha1\nkind: LocalModel\nmetadata:\n  name: second\nspec:\n  source: {SMOLLM2}\n  servedName: second\n"
         ),
     );
     let cache = common::shared_cache_dir();
@@ -518,6 +518,10 @@ async fn full_queue_is_429_and_disconnect_frees_the_slot() {
     .join()
     .expect("agent starts");
     let c = client();
+    // Two models in one process, each with its own line.
+    let models: Value = c.get(tight.url("/v1/models")).send().await.expect("models").json().await.expect("json");
+    let ids: Vec<&str> = models["data"].as_array().expect("data").iter().filter_map(|m| m["id"].as_str()).collect();
+    assert_eq!(ids, vec!["second", "tight"]);
     let long = json!({"model": "tight", "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
                       "max_tokens": 900, "stream": true, "temperature": 0.9});
     let first = c
@@ -593,6 +597,29 @@ async fn full_queue_is_429_and_disconnect_frees_the_slot() {
         .await
         .expect("third");
     assert_eq!(third.status(), 200, "the freed slot takes a new request");
+    drop(third);
+
+    // SIGTERM while a generation streams: it finishes, then the agent exits cleanly.
+    let mut tight = tight;
+    let last = c
+        .post(tight.url("/v1/chat/completions"))
+        .json(&json!({"model": "second", "messages": [{"role": "user", "content": "Tell me about the sea."}],
+                      "max_tokens": 40, "stream": true}))
+        .send()
+        .await
+        .expect("last");
+    assert_eq!(last.status(), 200);
+    let mut stream = last.bytes_stream();
+    let mut body = String::from_utf8_lossy(&stream.next().await.expect("chunk").expect("bytes")).to_string();
+    tight.terminate();
+    while let Some(chunk) = stream.next().await {
+        body.push_str(&String::from_utf8_lossy(&chunk.expect("stream survives shutdown")));
+    }
+    assert!(body.trim_end().ends_with("data: [DONE]"), "in-flight stream was cut: {body}");
+    let code = tokio::task::spawn_blocking(move || tight.wait_exit(Duration::from_secs(60)))
+        .await
+        .expect("join");
+    assert_eq!(code, Some(0));
 }
 
 /// The `openai` and `ollama` Python packages, unchanged, against the agent. They are installed

@@ -97,6 +97,29 @@ impl Agent {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
     }
 
+    /// Sends SIGTERM to the agent.
+    pub fn terminate(&self) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: plain kill(2) on our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+
+    /// Waits (with a deadline) for the agent to exit; returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!("agent did not exit within {within:?}\nlog:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
