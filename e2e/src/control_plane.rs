@@ -283,12 +283,14 @@ impl ControlPlane {
     /// A new admin client. Must be called inside a tokio runtime; make one per runtime (one
     /// per `#[tokio::test]`), since a client's connections belong to the runtime it was made in.
     pub fn client(&self) -> Client {
+        crate::install_crypto_provider();
         Client::try_from(self.admin_config()).expect("building the admin kube client")
     }
 
     /// A client that authenticates with a bearer `token` only (e.g. from
     /// [`token_for_service_account`](Self::token_for_service_account)).
     pub fn client_with_token(&self, token: &str) -> Client {
+        crate::install_crypto_provider();
         let mut config = self.base_config();
         config.auth_info = auth_info(serde_json::json!({ "token": token }));
         Client::try_from(config).expect("building a token kube client")
@@ -730,6 +732,7 @@ fn wait_apiserver(
         let mut config = config;
         config.read_timeout = Some(Duration::from_secs(5));
         config.connect_timeout = Some(Duration::from_secs(2));
+        crate::install_crypto_provider();
         let client = Client::try_from(config).map_err(|e| StartError::Fatal(e.into()))?;
         let start = Instant::now();
         loop {

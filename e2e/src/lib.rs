@@ -37,3 +37,12 @@ pub fn workspace_root() -> std::path::PathBuf {
         .expect("e2e crate lives inside the workspace")
         .to_path_buf()
 }
+
+/// Selects rustls' ring back end for this process. Dependencies enable both of rustls' crypto
+/// back ends, and then rustls refuses to guess.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

@@ -3,6 +3,8 @@ use node_agent::cli::{Cli, Command};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Dependencies enable both of rustls' crypto back ends; pick one explicitly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     node_agent::telemetry::init(cli.log_format);
     let threads = match &cli.command {
         Command::Serve(s) => s.engine.threads,

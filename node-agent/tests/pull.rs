@@ -447,12 +447,24 @@ fn pull_command_reports_path_or_a_clear_error() {
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("checksum mismatch"), "{err}");
-    assert_eq!(std::fs::read_dir(cache.join("blobs")).expect("blobs").count(), 0);
+    assert_eq!(
+        std::fs::read_dir(cache.join("blobs"))
+            .expect("blobs")
+            .count(),
+        0
+    );
     let ok = run(&["--sha256", &sha(&data)]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let out = String::from_utf8_lossy(&ok.stdout);
     assert!(out.contains(&format!("sha256:{}", sha(&data))), "{out}");
-    assert!(out.trim_start().starts_with(cache.to_str().expect("utf8")), "{out}");
+    assert!(
+        out.trim_start().starts_with(cache.to_str().expect("utf8")),
+        "{out}"
+    );
     let invalid = std::process::Command::new(env!("CARGO_BIN_EXE_node-agent"))
         .args(["pull", "ftp://example/x.gguf"])
         .output()

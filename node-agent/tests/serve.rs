@@ -519,8 +519,20 @@ async fn full_queue_is_429_and_disconnect_frees_the_slot() {
     .expect("agent starts");
     let c = client();
     // Two models in one process, each with its own line.
-    let models: Value = c.get(tight.url("/v1/models")).send().await.expect("models").json().await.expect("json");
-    let ids: Vec<&str> = models["data"].as_array().expect("data").iter().filter_map(|m| m["id"].as_str()).collect();
+    let models: Value = c
+        .get(tight.url("/v1/models"))
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
     assert_eq!(ids, vec!["second", "tight"]);
     let long = json!({"model": "tight", "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
                       "max_tokens": 900, "stream": true, "temperature": 0.9});
@@ -610,12 +622,18 @@ async fn full_queue_is_429_and_disconnect_frees_the_slot() {
         .expect("last");
     assert_eq!(last.status(), 200);
     let mut stream = last.bytes_stream();
-    let mut body = String::from_utf8_lossy(&stream.next().await.expect("chunk").expect("bytes")).to_string();
+    let mut body =
+        String::from_utf8_lossy(&stream.next().await.expect("chunk").expect("bytes")).to_string();
     tight.terminate();
     while let Some(chunk) = stream.next().await {
-        body.push_str(&String::from_utf8_lossy(&chunk.expect("stream survives shutdown")));
+        body.push_str(&String::from_utf8_lossy(
+            &chunk.expect("stream survives shutdown"),
+        ));
     }
-    assert!(body.trim_end().ends_with("data: [DONE]"), "in-flight stream was cut: {body}");
+    assert!(
+        body.trim_end().ends_with("data: [DONE]"),
+        "in-flight stream was cut: {body}"
+    );
     let code = tokio::task::spawn_blocking(move || tight.wait_exit(Duration::from_secs(60)))
         .await
         .expect("join");

@@ -114,7 +114,10 @@ impl Agent {
                 return status.code();
             }
             if Instant::now() > deadline {
-                panic!("agent did not exit within {within:?}\nlog:\n{}", self.log_text());
+                panic!(
+                    "agent did not exit within {within:?}\nlog:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
