@@ -66,26 +66,20 @@ def stream_chat(port, model, prompt, max_tokens):
         raise RuntimeError(f"HTTP {r.status}: {r.read()[:500]!r}")
     times = []
     prompt_tokens = None
-    buf = b""
-    while True:
-        chunk = r.read1(65536) if hasattr(r, "read1") else r.read(1)
-        if not chunk:
+    for line in r:
+        line = line.strip()
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:]
+        if data == b"[DONE]":
             break
-        buf += chunk
-        while b"\n\n" in buf:
-            event, buf = buf.split(b"\n\n", 1)
-            for line in event.split(b"\n"):
-                if not line.startswith(b"data: "):
-                    continue
-                data = line[6:]
-                if data == b"[DONE]":
-                    continue
-                obj = json.loads(data)
-                if obj.get("usage"):
-                    prompt_tokens = obj["usage"].get("prompt_tokens")
-                for ch in obj.get("choices", []):
-                    if (ch.get("delta") or {}).get("content"):
-                        times.append(time.perf_counter() - t0)
+        obj = json.loads(data)
+        if obj.get("usage"):
+            prompt_tokens = obj["usage"].get("prompt_tokens")
+        for ch in obj.get("choices", []):
+            if (ch.get("delta") or {}).get("content"):
+                times.append(time.perf_counter() - t0)
+    c.close()
     return times, time.perf_counter() - t0, prompt_tokens
 
 
