@@ -9,7 +9,7 @@ pub mod gguf;
 pub mod types;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -841,14 +841,4 @@ mod tests {
         ]);
         assert_eq!(texts(&fin), "E");
     }
-}
-
-/// Whether a file looks like GGUF (magic bytes), for early, clear errors.
-pub fn is_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .map(|()| &magic == b"GGUF")
-        .unwrap_or(false)
 }
