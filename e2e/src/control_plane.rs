@@ -482,6 +482,44 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Ends one start attempt of `name`: keeps the process when it came up (`true`), kills it
+    /// and asks for another port when its port was taken (`false`), or fails with its log.
+    fn settle(
+        &self,
+        name: &str,
+        mut proc: Proc,
+        waited: std::result::Result<(), StartError>,
+        attempt: usize,
+        log: &Path,
+        ports: &str,
+    ) -> Result<bool> {
+        match waited {
+            Ok(()) => {
+                lock(&self.procs).push(proc);
+                Ok(true)
+            }
+            Err(StartError::PortTaken) if attempt < PORT_ATTEMPTS => {
+                proc.kill(KILL_GRACE);
+                say(&format!(
+                    "e2e: {name} could not bind port {ports}; retrying on another port"
+                ));
+                Ok(false)
+            }
+            Err(StartError::PortTaken) => {
+                proc.kill(KILL_GRACE);
+                Err(Error::Other(format!(
+                    "{name} could not bind a port in {PORT_ATTEMPTS} attempts; last lines of {}:\n{}",
+                    log.display(),
+                    log_tail(log, 30)
+                )))
+            }
+            Err(StartError::Fatal(e)) => {
+                proc.kill(KILL_GRACE);
+                Err(e)
+            }
+        }
+    }
+
     fn start_etcd(&mut self, first_port: Option<u16>, timeout: Duration) -> Result<u16> {
         let log = self.dir.join("etcd.log");
         let data = self.dir.join("etcd-data");
@@ -512,29 +550,10 @@ impl ControlPlane {
                 client_port,
                 !self.keep,
             )?;
-            match wait_etcd(&mut proc, timeout) {
-                Ok(()) => {
-                    lock(&self.procs).push(proc);
-                    return Ok(client_port);
-                }
-                Err(StartError::PortTaken) if attempt < PORT_ATTEMPTS => {
-                    proc.kill(KILL_GRACE);
-                    say(&format!(
-                        "e2e: etcd could not bind port {client_port} or {peer_port}; retrying on other ports"
-                    ));
-                }
-                Err(StartError::PortTaken) => {
-                    proc.kill(KILL_GRACE);
-                    return Err(Error::Other(format!(
-                        "etcd could not bind a port in {PORT_ATTEMPTS} attempts; last lines of {}:\n{}",
-                        log.display(),
-                        log_tail(&log, 30)
-                    )));
-                }
-                Err(StartError::Fatal(e)) => {
-                    proc.kill(KILL_GRACE);
-                    return Err(e);
-                }
+            let waited = wait_etcd(&mut proc, timeout);
+            let ports = format!("{client_port} or {peer_port}");
+            if self.settle("etcd", proc, waited, attempt, &log, &ports)? {
+                return Ok(client_port);
             }
         }
         unreachable!("the loop returns on its last attempt")
@@ -582,29 +601,16 @@ impl ControlPlane {
                 port,
                 !self.keep,
             )?;
-            match wait_apiserver(&mut proc, self.admin_config(), timeout) {
-                Ok(()) => {
-                    lock(&self.procs).push(proc);
-                    return Ok(port);
-                }
-                Err(StartError::PortTaken) if attempt < PORT_ATTEMPTS => {
-                    proc.kill(KILL_GRACE);
-                    say(&format!(
-                        "e2e: kube-apiserver could not bind port {port}; retrying on another port"
-                    ));
-                }
-                Err(StartError::PortTaken) => {
-                    proc.kill(KILL_GRACE);
-                    return Err(Error::Other(format!(
-                        "kube-apiserver could not bind a port in {PORT_ATTEMPTS} attempts; last lines of {}:\n{}",
-                        log.display(),
-                        log_tail(&log, 30)
-                    )));
-                }
-                Err(StartError::Fatal(e)) => {
-                    proc.kill(KILL_GRACE);
-                    return Err(e);
-                }
+            let waited = wait_apiserver(&mut proc, self.admin_config(), timeout);
+            if self.settle(
+                "kube-apiserver",
+                proc,
+                waited,
+                attempt,
+                &log,
+                &port.to_string(),
+            )? {
+                return Ok(port);
             }
         }
         unreachable!("the loop returns on its last attempt")
