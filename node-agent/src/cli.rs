@@ -1,6 +1,6 @@
 //! Command-line interface. Every flag Helm may set also reads an environment variable.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -27,6 +27,9 @@ pub enum Command {
     Pull(PullArgs),
     /// Serve the LocalModel manifests given with -f, without Kubernetes.
     Serve(ServeArgs),
+    /// Cluster mode: register this node's GPUNode, heartbeat, and pull, load and serve the
+    /// ModelReplicas bound to this node.
+    Run(RunArgs),
 }
 
 /// Where weights are cached.
@@ -100,4 +103,31 @@ pub struct EngineArgs {
     /// Seconds in-flight generations get to finish at shutdown or unload.
     #[arg(long, env = "LOCALMODEL_DRAIN_SECONDS", default_value_t = 30)]
     pub drain_seconds: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Name of the Kubernetes node this agent runs on: the GPUNode's name and the
+    /// spec.nodeName of the ModelReplicas it serves.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Address to listen on (OpenAI and Ollama APIs, /livez, /readyz, /metrics).
+    #[arg(long, env = "LOCALMODEL_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// IP other pods reach this agent at (the pod IP). With the listen port it forms the
+    /// replicas' endpoint and the GPUNode's address. Default: the --listen IP, when it is not
+    /// 0.0.0.0 or ::.
+    #[arg(long, env = "POD_IP")]
+    pub advertise_address: Option<IpAddr>,
+    /// Namespace of the agent's heartbeat Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = crds::conventions::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// Declared GPUs instead of NVML, for tests: PRODUCT=MEMORY pairs separated by commas,
+    /// e.g. "NVIDIA L4=24GiB,NVIDIA L4=24GiB".
+    #[arg(long, env = "LOCALMODEL_FAKE_GPUS")]
+    pub fake_gpus: Option<String>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }

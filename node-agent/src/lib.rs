@@ -6,6 +6,7 @@
 pub mod api;
 pub mod cache;
 pub mod cli;
+pub mod cluster;
 pub mod engine;
 pub mod metrics;
 pub mod progress;
@@ -20,7 +21,7 @@ pub enum AgentError {
     Manifest {
         file: String,
         #[source]
-        source: crds::Error,
+        source: Box<crds::Error>,
     },
     #[error("cannot read {file}: {source}")]
     ReadFile {
@@ -50,4 +51,12 @@ pub enum AgentError {
     Metrics(#[from] metrics::MetricsError),
     #[error("server: {0}")]
     Server(std::io::Error),
+    #[error("--fake-gpus: {0}")]
+    FakeGpus(#[from] cluster::inventory::FakeGpuError),
+    #[error("{action}: {source}")]
+    Kube {
+        action: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
 }

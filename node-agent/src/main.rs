@@ -8,6 +8,7 @@ fn main() -> anyhow::Result<()> {
     node_agent::telemetry::init(cli.log_format);
     let threads = match &cli.command {
         Command::Serve(s) => s.engine.threads,
+        Command::Run(r) => r.engine.threads,
         Command::Pull(_) => None,
     };
     let threads = threads.unwrap_or_else(|| {
@@ -27,6 +28,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Pull(args) => node_agent::standalone::pull(args).await?,
             Command::Serve(args) => node_agent::standalone::serve(args).await?,
+            Command::Run(args) => node_agent::cluster::run(args).await?,
         }
         Ok(())
     })

@@ -97,8 +97,11 @@ pub fn read_manifests(files: &[std::path::PathBuf]) -> Result<Vec<LocalModel>, A
             file: file.clone(),
             source,
         })?;
-        let parsed = crds::manifest::parse_local_models(&text)
-            .map_err(|source| AgentError::Manifest { file, source })?;
+        let parsed =
+            crds::manifest::parse_local_models(&text).map_err(|source| AgentError::Manifest {
+                file,
+                source: Box::new(source),
+            })?;
         models.extend(parsed);
     }
     if models.is_empty() {

