@@ -12,6 +12,7 @@
 //! CustomResourceDefinitions, whose YAML is checked in under `crds/` (regenerate with
 //! `cargo run -p crds --bin crdgen`).
 
+pub mod conventions;
 pub mod gpu_node;
 pub mod local_model;
 pub mod manifest;

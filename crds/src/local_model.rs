@@ -332,6 +332,16 @@ pub struct LocalModelStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
 
+    /// SHA-256 of the weights file (64 lowercase hex characters): the spec's pin, or the digest
+    /// an agent verified while pulling. Nodes that already cache it are preferred.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+
+    /// Memory, in bytes, one replica needs on a node (weights + KV cache + overhead): the spec's
+    /// `resources.gpuMemory`, else what an agent estimated from the weights' header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_estimate_bytes: Option<i64>,
+
     /// The `metadata.generation` of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -361,6 +371,17 @@ pub enum ModelPhase {
 }
 
 impl ModelPhase {
+    /// Every phase, in lifecycle order.
+    pub const ALL: [ModelPhase; 7] = [
+        ModelPhase::Pending,
+        ModelPhase::Scheduled,
+        ModelPhase::Pulling,
+        ModelPhase::Loading,
+        ModelPhase::Ready,
+        ModelPhase::Degraded,
+        ModelPhase::Failed,
+    ];
+
     /// The value as written in the status, e.g. `Ready`.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -140,6 +140,14 @@ pub struct ModelReplicaStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_footprint_bytes: Option<i64>,
 
+    /// SHA-256 of the weights file in the node's cache (64 lowercase hex characters), once
+    /// pulled and verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Memory, in bytes, the agent estimated this replica needs (weights + KV cache for the
+    /// context length and sequences + overhead), read from the weights' header before loading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_estimate_bytes: Option<i64>,
     /// `host:port` of the agent serving this replica, e.g. `10.0.3.7:8080`; set once Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,

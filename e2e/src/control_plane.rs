@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::{ObjectMeta, PostParams};
 use kube::config::AuthInfo;
 use kube::{Api, Client, Config};
@@ -438,6 +438,96 @@ impl ControlPlane {
             .map(|s| s.token)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Error::Other(format!("TokenRequest for {ns}/{name} returned no token")))
+    }
+
+    /// Writes a kubeconfig that authenticates with `token` only, as `name` in this control
+    /// plane's directory, and returns its path (for processes run as a ServiceAccount).
+    pub fn token_kubeconfig(&self, name: &str, token: &str) -> Result<PathBuf> {
+        let path = self.dir.join(format!("kubeconfig-{name}"));
+        let kubeconfig = format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: localmodel-e2e
+  cluster:
+    server: {server}
+    certificate-authority-data: {ca}
+users:
+- name: {name}
+  user:
+    token: {token}
+contexts:
+- name: {name}
+  context:
+    cluster: localmodel-e2e
+    user: {name}
+    namespace: default
+current-context: {name}
+",
+            server = self.apiserver_url(),
+            ca = B64.encode(&self.ca_pem),
+        );
+        write_private(&path, &kubeconfig)?;
+        Ok(path)
+    }
+
+    /// A one-hour token for ServiceAccount `ns/sa` bound to Pod `ns/pod`: the API server puts
+    /// the Pod's node into the token's user info (`authentication.kubernetes.io/node-name`),
+    /// as it does for the tokens a kubelet mounts. The Pod is created with `spec.nodeName`
+    /// `node` if it does not exist (nothing runs it: there is no kubelet).
+    pub async fn token_bound_to_pod(&self, ns: &str, sa: &str, pod: &str, node: &str) -> Result<String> {
+        let client = self.client();
+        let sas = Api::<ServiceAccount>::namespaced(client.clone(), ns);
+        let account = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(sa.to_string()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match sas.create(&PostParams::default(), &account).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        let pods = Api::<Pod>::namespaced(client, ns);
+        let wanted: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": pod },
+            "spec": {
+                "nodeName": node,
+                "serviceAccountName": sa,
+                "containers": [{ "name": "agent", "image": "localmodel/node-agent" }],
+            },
+        }))
+        .map_err(|e| Error::Other(format!("building Pod {pod}: {e}")))?;
+        let created = match pods.create(&PostParams::default(), &wanted).await {
+            Ok(p) => p,
+            Err(kube::Error::Api(status)) if status.code == 409 => pods.get(pod).await?,
+            Err(e) => return Err(e.into()),
+        };
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: vec![],
+                expiration_seconds: Some(3600),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: created.metadata.name.clone(),
+                    uid: created.metadata.uid.clone(),
+                }),
+            },
+            ..Default::default()
+        };
+        let answer = sas
+            .create_token_request(sa, &PostParams::default(), &request)
+            .await?;
+        answer
+            .status
+            .map(|s| s.token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| Error::Other(format!("TokenRequest for {ns}/{sa} bound to Pod {pod} returned no token")))
     }
 
     /// Stops both processes and removes the temporary directory (unless kept). Idempotent.

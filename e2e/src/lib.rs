@@ -18,6 +18,7 @@
 
 mod binaries;
 mod control_plane;
+pub mod daemon;
 mod error;
 mod pki;
 mod process;
@@ -25,6 +26,7 @@ pub mod wait;
 
 pub use binaries::{Binaries, find_binaries};
 pub use control_plane::{Builder, ControlPlane, shared};
+pub use daemon::{Daemon, workspace_binary};
 pub use error::Error;
 
 /// Result with the harness [`Error`].

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use crate::{Error, Result};
 
-type Job = Box<dyn FnOnce() + Send>;
+pub(crate) type Job = Box<dyn FnOnce() + Send>;
 
 /// The long-lived thread that forks every child (see the module docs).
-fn spawner() -> &'static mpsc::Sender<Job> {
+pub(crate) fn spawner() -> &'static mpsc::Sender<Job> {
     static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
     SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Job>();
@@ -145,7 +145,7 @@ impl Proc {
 }
 
 /// The last `lines` lines of a log file (at most 64 KiB are read).
-pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
+pub fn log_tail(path: &Path, lines: usize) -> String {
     let mut text = String::new();
     if let Ok(mut f) = File::open(path) {
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);

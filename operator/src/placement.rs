@@ -206,6 +206,56 @@ pub fn fits(m: &ModelRequest, node: &NodeView, bound: &[BoundReplica]) -> Result
     Ok(free - m.memory_bytes)
 }
 
+/// Why `missing` of `want` replicas fit no node, in the manner of the Kubernetes scheduler:
+/// nodes counted by the first reason each was passed over, then the memory needed and the most
+/// free memory on any node that passed the other checks.
+fn unschedulable_message(m: &ModelRequest, nodes: &[NodeView], bound: &[BoundReplica], missing: usize, want: usize) -> String {
+    let live = nodes.iter().filter(|n| n.heartbeating).count();
+    if live == 0 {
+        return format!(
+            "no node can take {} (no live node agents among {} GPUNodes)",
+            m.name,
+            nodes.len()
+        );
+    }
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut most_free: Option<u64> = None;
+    for n in nodes {
+        let why = match fits(m, n, bound) {
+            Ok(_) => continue,
+            Err(Rejection::NotHeartbeating) => "agent not heartbeating".to_string(),
+            Err(Rejection::SelectorMismatch) => "nodeSelector does not match".to_string(),
+            Err(Rejection::Taint(t)) => format!("untolerated taint {t}"),
+            Err(Rejection::NoMatchingGpu(p)) => format!("no {p} GPU"),
+            Err(Rejection::AlreadyHostsReplica) => "already hosts a replica of this model".to_string(),
+            Err(Rejection::InsufficientMemory { free, .. }) => {
+                most_free = Some(most_free.map_or(free, |f| f.max(free)));
+                "not enough free memory".to_string()
+            }
+        };
+        *counts.entry(why).or_insert(0) += 1;
+    }
+    let mut reasons: Vec<(String, usize)> = counts.into_iter().collect();
+    reasons.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let list: Vec<String> = reasons
+        .iter()
+        .map(|(why, n)| format!("{n} {why}", n = if *n == 1 { "1 node:".to_string() } else { format!("{n} nodes:") }))
+        .collect();
+    let memory = match most_free {
+        Some(free) => format!(
+            "; {} GiB needed, the most free on any of {live} live nodes is {} GiB",
+            gib(m.memory_bytes),
+            gib(free)
+        ),
+        None => String::new(),
+    };
+    format!(
+        "{missing} of {want} replicas fit no node ({} GPUNodes, {live} live): {}{memory}",
+        nodes.len(),
+        list.join(", ")
+    )
+}
+
 /// Places `want` more replicas of `m`, one per node, updating reservations as it goes.
 pub fn place(
     m: &ModelRequest,
@@ -247,28 +297,7 @@ pub fn place(
             free_after: left,
         });
     }
-    let unschedulable = (placements.len() < want).then(|| {
-        let largest = nodes
-            .iter()
-            .filter(|n| n.heartbeating)
-            .map(|n| available(n, &bound))
-            .max();
-        let live = nodes.iter().filter(|n| n.heartbeating).count();
-        match largest {
-            None => format!(
-                "no node can take {} (no live node agents)",
-                m.name
-            ),
-            Some(free) => format!(
-                "{} of {} replicas fit no node: {} GiB needed, the most free on any of {} live nodes is {} GiB (after selectors, taints, GPU product and one replica per node)",
-                want - placements.len(),
-                want,
-                gib(m.memory_bytes),
-                live,
-                gib(free)
-            ),
-        }
-    });
+    let unschedulable = (placements.len() < want).then(|| unschedulable_message(m, nodes, &bound, want - placements.len(), want));
     Decision {
         placements,
         unschedulable,
@@ -472,6 +501,24 @@ mod tests {
             .unschedulable
             .expect("no nodes");
         assert!(none.contains("no live node agents"), "{none}");
+    }
+
+    #[test]
+    fn fits_nowhere_counts_the_reasons() {
+        let mut tainted = node("t", 80);
+        tainted.taints = vec![Taint {
+            key: "node.kubernetes.io/not-ready".into(),
+            value: None,
+            effect: "NoSchedule".into(),
+        }];
+        let mut dead = node("d", 80);
+        dead.heartbeating = false;
+        let d = place(&model(50), &[tainted.clone(), tainted, dead, node("s", 10)], &[], 1);
+        let msg = d.unschedulable.expect("unschedulable");
+        assert_eq!(
+            msg,
+            "1 of 1 replicas fit no node (4 GPUNodes, 3 live): 2 nodes: untolerated taint node.kubernetes.io/not-ready, 1 node: agent not heartbeating, 1 node: not enough free memory; 50.0 GiB needed, the most free on any of 3 live nodes is 10.0 GiB"
+        );
     }
 
     #[test]
