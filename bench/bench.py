@@ -278,9 +278,16 @@ def main():
         lines += ["## Where our time goes (Q8_0, one stream decoding)", "",
                   "`perf record -e cpu-clock -g` on the agent while it decodes 160 tokens; self time by symbol:", "",
                   "| self % | object / symbol |", "|---:|---|"]
-        lines += [f"| {p} | `{s}` |" for p, s in prof]
+        lines += [f"| {p} | `{s.strip()}` |" for p, s in prof]
         lines.append("")
-    Path(args.out).write_text("\n".join(lines))
+    # Sections written by other benchmarks (e.g. "## Placement" from placement-bench) are kept.
+    out, kept = Path(args.out), ""
+    if out.exists():
+        old = out.read_text()
+        cut = old.find("\n## Placement")
+        if cut >= 0:
+            kept = old[cut:]
+    out.write_text("\n".join(lines) + kept)
     print("\n".join(lines))
 
 
