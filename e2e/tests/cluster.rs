@@ -186,6 +186,8 @@ struct Cluster {
     smollm2_sha256: String,
     operator_kubeconfig: PathBuf,
     operators: Vec<Daemon>,
+    /// `/metrics` address of each operator, in start order.
+    operator_metrics: Vec<SocketAddr>,
     agents: Vec<Agent>,
 }
 
@@ -328,6 +330,7 @@ impl Cluster {
             smollm2_sha256,
             operator_kubeconfig,
             operators: Vec::new(),
+            operator_metrics: Vec::new(),
             agents,
         };
         for i in 0..c.agents.len() {
@@ -391,9 +394,11 @@ impl Cluster {
 
     fn start_operator(&mut self, identity: &str) {
         let bin = workspace_binary("operator").unwrap();
+        let metrics = SocketAddr::new("127.0.0.1".parse().unwrap(), free_port("127.0.0.1".parse().unwrap()));
+        self.operator_metrics.push(metrics);
         let args: Vec<String> = [
             "--metrics-listen",
-            &format!("127.0.0.1:{}", free_port("127.0.0.1".parse().unwrap())),
+            &metrics.to_string(),
             "--namespace",
             NS,
             "--identity",
@@ -680,6 +685,24 @@ async fn life_of_a_model(c: &mut Cluster) {
     let answer = chat(first, model).await.expect("chat through the EndpointSlice address");
     assert!(!answer.trim().is_empty(), "empty answer");
     assert_eq!(c.hub.gets(key), 1, "one download so far");
+    let metrics = reqwest::get(format!("http://{}/metrics", c.operator_metrics[0]))
+        .await
+        .expect("operator /metrics")
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "localmodel_operator_leader",
+        "localmodel_operator_placements_total{outcome=\"placed\"}",
+        "localmodel_operator_models{phase=\"Ready\"}",
+        "localmodel_operator_reconciles_total{result=\"ok\"}",
+    ] {
+        let v = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse::<f64>().ok()))
+            .unwrap_or(0.0);
+        assert!(v >= 1.0, "operator metric {series} is {v}, want at least 1:\n{metrics}");
+    }
 
     // --- scale to 2: the second replica lands on another node.
     kubectl_ok(c.cp, &["scale", "localmodel", model, "-n", "default", "--replicas=2"]);
