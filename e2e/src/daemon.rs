@@ -130,11 +130,15 @@ impl Drop for Daemon {
 /// `operator` and `node-agent` that `cargo test --workspace` builds.
 pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().map_err(|e| Error::io("locating the test executable", e))?;
-    // target/<profile>/deps/<test>-<hash>
-    let dir = exe
+    // target/<profile>/deps/<test>-<hash>, or target/<profile>/<bin> for a binary.
+    let mut dir = exe
         .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| Error::Other(format!("unexpected test executable path {}", exe.display())))?;
+        .ok_or_else(|| Error::Other(format!("unexpected executable path {}", exe.display())))?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir
+            .parent()
+            .ok_or_else(|| Error::Other(format!("unexpected test executable path {}", exe.display())))?;
+    }
     let bin = dir.join(name);
     if bin.is_file() {
         Ok(bin)

@@ -8,7 +8,7 @@
 //!
 //! Nodes get a heterogeneous inventory (1-8 GPUs of L4 24 GiB, A100 80 GiB, H100 80 GiB, T4
 //! 16 GiB), each a heartbeat Lease valid for an hour; models ask 4-60 GiB with 1-3 replicas, a
-//! tenth of them pinned to a GPU product. The operator runs with the ServiceAccount token and
+//! tenth of them pinned to a GPU product (and then at most 20 GiB, so every model fits somewhere). The operator runs with the ServiceAccount token and
 //! RBAC of `deploy/rbac/`. API requests are counted from kube-apiserver's
 //! `apiserver_request_total`, minus the benchmark's own.
 
@@ -20,6 +20,7 @@ use e2e::{ControlPlane, Daemon, workspace_binary, workspace_root};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
@@ -151,7 +152,7 @@ async fn run(args: Args) -> Result<(), String> {
                 let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                                    "metadata": {"name": format!("localmodel-node-{name}")},
                                    "spec": {"holderIdentity": name, "leaseDurationSeconds": 3600,
-                                            "renewTime": k8s_openapi::jiff::Timestamp::now().to_string()}});
+                                            "renewTime": serde_json::to_value(MicroTime(k8s_openapi::jiff::Timestamp::now())).map_err(|e| e.to_string())?}});
                 leases.patch(&format!("localmodel-node-{name}"), &pp, &Patch::Apply(&lease)).await.map_err(|e| format!("Lease {name}: {e}"))?;
                 Ok::<(), String>(())
             }
@@ -173,7 +174,9 @@ async fn run(args: Args) -> Result<(), String> {
             "resources": {"gpuMemory": format!("{}Gi", 4 + (i * 13) % 57)},
         });
         if i % 10 == 0 {
+            // Pinned to a product: small enough for the smallest of them (L4, 24 GiB).
             spec["resources"]["gpuProduct"] = json!(GPUS[(i / 10) % 3].0);
+            spec["resources"]["gpuMemory"] = json!(format!("{}Gi", 4 + i % 17));
         }
         if i % 2 == 1 {
             spec["placement"] = json!("Spread");
@@ -211,7 +214,14 @@ async fn run(args: Args) -> Result<(), String> {
         tokio::select! {
             ev = stream.next() => {
                 let Some(ev) = ev else { return Err("watch ended".into()) };
-                let m = ev.map_err(|e| e.to_string())?;
+                let m = match ev {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // The watcher backs off and resumes.
+                        eprintln!("watch: {e}");
+                        continue;
+                    }
+                };
                 let ok = m.data["status"]["conditions"].as_array().is_some_and(|cs| cs.iter().any(|c| c["type"] == "Scheduled" && c["status"] == "True"));
                 scheduled.insert(m.metadata.name.clone().unwrap_or_default(), ok);
                 if scheduled.len() == args.models && scheduled.values().all(|v| *v) {
