@@ -1,14 +1,11 @@
 //! Long-running processes of a test (operator, node-agents), started like the control plane's:
 //! own process group, killed with the test process, output appended to a log file.
 
-use std::fs::OpenOptions;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
-use crate::process::{log_tail, spawner};
+use crate::process::{log_tail, spawn_logged};
 use crate::{Error, Result};
 
 /// A process started by a test.
@@ -20,46 +17,14 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts `bin args…` with `env` added, output appended to `log`.
-    pub fn spawn(name: &str, bin: &Path, args: &[String], env: &[(&str, String)], log: &Path) -> Result<Daemon> {
-        let open = || {
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .map_err(|e| Error::io(format!("opening {}", log.display()), e))
-        };
-        let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(open()?)
-            .stderr(open()?)
-            .process_group(0);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
-        let parent = unsafe { libc::getpid() };
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
-        let (tx, rx) = mpsc::channel();
-        spawner()
-            .send(Box::new(move || {
-                let _ = tx.send(cmd.spawn());
-            }))
-            .map_err(|_| Error::Other("the e2e spawner thread is gone".into()))?;
-        let child = rx
-            .recv()
-            .map_err(|_| Error::Other("the e2e spawner thread is gone".into()))?
-            .map_err(|e| Error::io(format!("starting {name} ({})", bin.display()), e))?;
+    pub fn spawn(
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        log: &Path,
+    ) -> Result<Daemon> {
+        let child = spawn_logged(name, bin, args, env, log, true)?;
         Ok(Daemon {
             name: name.to_string(),
             log: log.to_path_buf(),
@@ -81,7 +46,12 @@ impl Daemon {
 
     /// The last `lines` lines of its log, indented.
     pub fn log_tail(&self, lines: usize) -> String {
-        format!("--- {} ({}) ---\n{}", self.name, self.log.display(), log_tail(&self.log, lines))
+        format!(
+            "--- {} ({}) ---\n{}",
+            self.name,
+            self.log.display(),
+            log_tail(&self.log, lines)
+        )
     }
 
     /// The exit status, if it exited.
@@ -135,9 +105,9 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
         .parent()
         .ok_or_else(|| Error::Other(format!("unexpected executable path {}", exe.display())))?;
     if dir.file_name().is_some_and(|n| n == "deps") {
-        dir = dir
-            .parent()
-            .ok_or_else(|| Error::Other(format!("unexpected test executable path {}", exe.display())))?;
+        dir = dir.parent().ok_or_else(|| {
+            Error::Other(format!("unexpected test executable path {}", exe.display()))
+        })?;
     }
     let bin = dir.join(name);
     if bin.is_file() {

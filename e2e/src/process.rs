@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use crate::{Error, Result};
 
-pub(crate) type Job = Box<dyn FnOnce() + Send>;
+type Job = Box<dyn FnOnce() + Send>;
 
 /// The long-lived thread that forks every child (see the module docs).
-pub(crate) fn spawner() -> &'static mpsc::Sender<Job> {
+fn spawner() -> &'static mpsc::Sender<Job> {
     static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
     SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Job>();
@@ -56,46 +56,7 @@ impl Proc {
         port: u16,
         die_with_parent: bool,
     ) -> Result<Proc> {
-        let log_file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|e| Error::io(format!("opening {}", log.display()), e))?;
-        let log_err = log_file
-            .try_clone()
-            .map_err(|e| Error::io(format!("opening {}", log.display()), e))?;
-        let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_err)
-            .process_group(0);
-        if die_with_parent {
-            // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
-            let parent = unsafe { libc::getpid() };
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    // The parent may have died between fork and prctl.
-                    if libc::getppid() != parent {
-                        libc::_exit(1);
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let (tx, rx) = mpsc::channel();
-        spawner()
-            .send(Box::new(move || {
-                let _ = tx.send(cmd.spawn());
-            }))
-            .map_err(|_| Error::Other("the e2e spawner thread is gone".into()))?;
-        let child = rx
-            .recv()
-            .map_err(|_| Error::Other("the e2e spawner thread is gone".into()))?
-            .map_err(|e| Error::io(format!("starting {name} ({})", bin.display()), e))?;
+        let child = spawn_logged(name, bin, args, &[], log, die_with_parent)?;
         Ok(Proc {
             name: name.to_string(),
             port,
@@ -142,6 +103,60 @@ impl Proc {
         }
         let _ = self.child.wait();
     }
+}
+
+/// Starts `bin args…` (with `env` added) as the leader of its own process group, stdout and
+/// stderr appended to `log`, forked from the spawner thread. With `die_with_parent` it gets
+/// `PR_SET_PDEATHSIG(SIGKILL)`.
+pub(crate) fn spawn_logged(
+    name: &str,
+    bin: &Path,
+    args: &[String],
+    env: &[(&str, String)],
+    log: &Path,
+    die_with_parent: bool,
+) -> Result<Child> {
+    let open = || {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| Error::io(format!("opening {}", log.display()), e))
+    };
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(open()?)
+        .stderr(open()?)
+        .process_group(0);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if die_with_parent {
+        // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+        let parent = unsafe { libc::getpid() };
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died between fork and prctl.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+    let (tx, rx) = mpsc::channel();
+    spawner()
+        .send(Box::new(move || {
+            let _ = tx.send(cmd.spawn());
+        }))
+        .map_err(|_| Error::Other("the e2e spawner thread is gone".into()))?;
+    rx.recv()
+        .map_err(|_| Error::Other("the e2e spawner thread is gone".into()))?
+        .map_err(|e| Error::io(format!("starting {name} ({})", bin.display()), e))
 }
 
 /// The last `lines` lines of a log file (at most 64 KiB are read).

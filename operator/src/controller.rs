@@ -58,13 +58,27 @@ impl Error {
     /// Short label for the errors metric.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            Error::Kube { source: kube::Error::Api(s), .. } if s.code == 409 => "conflict",
-            Error::Kube { source: kube::Error::Api(_), .. } => "api",
+            Error::Kube {
+                source: kube::Error::Api(s),
+                ..
+            } if s.code == 409 => "conflict",
+            Error::Kube {
+                source: kube::Error::Api(_),
+                ..
+            } => "api",
             Error::Kube { .. } => "transport",
             Error::NoNamespace => "invalid",
             Error::Finalizer(_) => "finalizer",
             Error::StoreGone(_) => "store",
         }
+    }
+}
+
+/// `Ok` also when the object was already gone.
+fn ignore_not_found<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match r {
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => other.map(|_| ()),
     }
 }
 
@@ -161,14 +175,15 @@ fn now_time() -> Time {
 
 fn owner_ref(lm: &LocalModel) -> OwnerReference {
     // A LocalModel read from the API server always has a name and uid.
-    lm.controller_owner_ref(&()).unwrap_or_else(|| OwnerReference {
-        api_version: "localmodel.dev/v1alpha1".into(),
-        kind: "LocalModel".into(),
-        name: lm.name_any(),
-        uid: lm.uid().unwrap_or_default(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    })
+    lm.controller_owner_ref(&())
+        .unwrap_or_else(|| OwnerReference {
+            api_version: "localmodel.dev/v1alpha1".into(),
+            kind: "LocalModel".into(),
+            name: lm.name_any(),
+            uid: lm.uid().unwrap_or_default(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        })
 }
 
 fn object_ref(lm: &LocalModel) -> ObjectReference {
@@ -176,7 +191,14 @@ fn object_ref(lm: &LocalModel) -> ObjectReference {
 }
 
 impl Context {
-    async fn event(&self, lm: &LocalModel, type_: EventType, reason: &str, action: &str, note: String) {
+    async fn event(
+        &self,
+        lm: &LocalModel,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let ev = KubeEvent {
             type_,
             reason: reason.into(),
@@ -251,12 +273,10 @@ pub fn error_policy(lm: Arc<LocalModel>, error: &Error, ctx: Arc<Context>) -> Ac
 }
 
 async fn delete_replica(ctx: &Context, r: &ModelReplica) -> Result<(), Error> {
-    let api: Api<ModelReplica> = Api::namespaced(ctx.client.clone(), &r.namespace().unwrap_or_default());
-    match api.delete(&r.name_any(), &DeleteParams::background()).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => return Err(kube_err(format!("deleting ModelReplica {}", r.name_any()))(e)),
-    }
+    let api: Api<ModelReplica> =
+        Api::namespaced(ctx.client.clone(), &r.namespace().unwrap_or_default());
+    ignore_not_found(api.delete(&r.name_any(), &DeleteParams::background()).await)
+        .map_err(kube_err(format!("deleting ModelReplica {}", r.name_any())))?;
     lock(&ctx.expectations).deleted(r, Instant::now());
     Ok(())
 }
@@ -276,7 +296,10 @@ async fn apply(lm: &LocalModel, ctx: &Context) -> Result<Action, Error> {
     let mut kept: Vec<ModelReplica> = Vec::new();
     let mut permanent_failure = None;
     for r in current.drain(..) {
-        let owned_here = r.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref());
+        let owned_here = r
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == uid.as_ref());
         if !owned_here {
             // Left over from an earlier LocalModel of the same name.
             delete_replica(ctx, &r).await?;
@@ -290,7 +313,10 @@ async fn apply(lm: &LocalModel, ctx: &Context) -> Result<Action, Error> {
             Verdict::Live => live.push(r),
             Verdict::NodeLost => {
                 delete_replica(ctx, &r).await?;
-                ctx.metrics.placements.with_label_values(&["node_lost"]).inc();
+                ctx.metrics
+                    .placements
+                    .with_label_values(&["node_lost"])
+                    .inc();
                 ctx.event(
                     lm,
                     EventType::Warning,
@@ -311,7 +337,11 @@ async fn apply(lm: &LocalModel, ctx: &Context) -> Result<Action, Error> {
                     EventType::Normal,
                     "SpecChanged",
                     "Replace",
-                    format!("replica {} on {} was made from an older spec; replacing it", r.name_any(), r.spec.node_name),
+                    format!(
+                        "replica {} on {} was made from an older spec; replacing it",
+                        r.name_any(),
+                        r.spec.node_name
+                    ),
                 )
                 .await;
             }
@@ -342,7 +372,12 @@ async fn apply(lm: &LocalModel, ctx: &Context) -> Result<Action, Error> {
             EventType::Normal,
             "ScaledDown",
             "Delete",
-            format!("removed replica {} on {} ({} wanted)", r.name_any(), r.spec.node_name, wanted),
+            format!(
+                "removed replica {} on {} ({} wanted)",
+                r.name_any(),
+                r.spec.node_name,
+                wanted
+            ),
         )
         .await;
     }
@@ -368,7 +403,11 @@ async fn apply(lm: &LocalModel, ctx: &Context) -> Result<Action, Error> {
                 .iter()
                 .map(|g| {
                     let node_name = g.spec.node_name.clone();
-                    inventory::node_view(g, nodes.get(&node_name).map(|n| n.as_ref()), liveness.alive(&node_name, instant))
+                    inventory::node_view(
+                        g,
+                        nodes.get(&node_name).map(|n| n.as_ref()),
+                        liveness.alive(&node_name, instant),
+                    )
                 })
                 .collect()
         };
@@ -378,7 +417,8 @@ async fn apply(lm: &LocalModel, ctx: &Context) -> Result<Action, Error> {
             .iter()
             .filter(|r| {
                 // This model's own replicas as decided above (deleted ones are gone).
-                !(r.namespace().as_deref() == Some(ns.as_str()) && r.labels().get(MODEL_LABEL) == Some(&name))
+                !(r.namespace().as_deref() == Some(ns.as_str())
+                    && r.labels().get(MODEL_LABEL) == Some(&name))
             })
             .chain(live.iter())
             .chain(kept.iter())
@@ -399,7 +439,16 @@ async fn apply(lm: &LocalModel, ctx: &Context) -> Result<Action, Error> {
                 owner_references: Some(vec![owner_ref(lm)]),
                 ..Default::default()
             };
-            match mr_api.create(&PostParams { field_manager: Some(OPERATOR_MANAGER.into()), ..Default::default() }, &mr).await {
+            match mr_api
+                .create(
+                    &PostParams {
+                        field_manager: Some(OPERATOR_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &mr,
+                )
+                .await
+            {
                 Ok(created) => {
                     lock(&ctx.expectations).created(created.clone(), Instant::now());
                     live.push(created);
@@ -420,12 +469,19 @@ async fn apply(lm: &LocalModel, ctx: &Context) -> Result<Action, Error> {
                 EventType::Normal,
                 "Placed",
                 "Schedule",
-                format!("replica placed on {}: {}", p.node, p.reason(need.unwrap_or(0))),
+                format!(
+                    "replica placed on {}: {}",
+                    p.node,
+                    p.reason(need.unwrap_or(0))
+                ),
             )
             .await;
         }
         if let Some(msg) = &decision.unschedulable {
-            ctx.metrics.placements.with_label_values(&["unschedulable"]).inc();
+            ctx.metrics
+                .placements
+                .with_label_values(&["unschedulable"])
+                .inc();
             let before = lm.status.as_ref().and_then(|s| {
                 s.conditions
                     .iter()
@@ -433,7 +489,14 @@ async fn apply(lm: &LocalModel, ctx: &Context) -> Result<Action, Error> {
                     .map(|c| c.message.clone())
             });
             if before.as_deref() != Some(msg.as_str()) {
-                ctx.event(lm, EventType::Warning, "FailedScheduling", "Schedule", msg.clone()).await;
+                ctx.event(
+                    lm,
+                    EventType::Warning,
+                    "FailedScheduling",
+                    "Schedule",
+                    msg.clone(),
+                )
+                .await;
             }
             unschedulable = Some(msg.clone());
             // New nodes or freed memory trigger a reconcile; look again now and then anyway.
@@ -468,7 +531,12 @@ async fn apply(lm: &LocalModel, ctx: &Context) -> Result<Action, Error> {
                 .conditions
                 .iter()
                 .find(|c| c.status == "False")
-                .or_else(|| new_status.conditions.iter().find(|c| c.type_ == crds::local_model::condition_type::READY))
+                .or_else(|| {
+                    new_status
+                        .conditions
+                        .iter()
+                        .find(|c| c.type_ == crds::local_model::condition_type::READY)
+                })
                 .map(|c| c.message.clone())
                 .unwrap_or_default();
             ctx.event(
@@ -490,7 +558,12 @@ async fn apply(lm: &LocalModel, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::requeue(requeue))
 }
 
-async fn write_status(ctx: &Context, lm: &LocalModel, ns: &str, status: &LocalModelStatus) -> Result<(), Error> {
+async fn write_status(
+    ctx: &Context,
+    lm: &LocalModel,
+    ns: &str,
+    status: &LocalModelStatus,
+) -> Result<(), Error> {
     let api: Api<LocalModel> = Api::namespaced(ctx.client.clone(), ns);
     let patch = serde_json::json!({
         "apiVersion": "localmodel.dev/v1alpha1",
@@ -546,11 +619,8 @@ async fn sync_service(
     for s in existing {
         let sname = s.name_any();
         if !wanted.contains(&sname) {
-            match slice_api.delete(&sname, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(kube_err(format!("deleting EndpointSlice {sname}"))(e)),
-            }
+            ignore_not_found(slice_api.delete(&sname, &DeleteParams::default()).await)
+                .map_err(kube_err(format!("deleting EndpointSlice {sname}")))?;
         }
     }
     lock(&ctx.applied).insert(key.to_string(), fingerprint);
@@ -566,24 +636,29 @@ async fn cleanup(lm: &LocalModel, ctx: &Context) -> Result<Action, Error> {
     let selector = format!("{MODEL_LABEL}={name}");
     let lp = ListParams::default().labels(&selector);
     let mr_api: Api<ModelReplica> = Api::namespaced(ctx.client.clone(), &ns);
-    let existing = mr_api.list(&lp).await.map_err(kube_err("listing ModelReplicas"))?;
+    let existing = mr_api
+        .list(&lp)
+        .await
+        .map_err(kube_err("listing ModelReplicas"))?;
     for r in existing {
         delete_replica(ctx, &r).await?;
     }
     let slice_api: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
-    match slice_api.delete_collection(&DeleteParams::default(), &lp).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => return Err(kube_err("deleting EndpointSlices")(e)),
-    }
+    ignore_not_found(
+        slice_api
+            .delete_collection(&DeleteParams::default(), &lp)
+            .await,
+    )
+    .map_err(kube_err("deleting EndpointSlices"))?;
     let svc_api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    match svc_api.get_opt(&name).await.map_err(kube_err("reading the Service"))? {
+    match svc_api
+        .get_opt(&name)
+        .await
+        .map_err(kube_err("reading the Service"))?
+    {
         Some(svc) if svc.labels().get(MODEL_LABEL) == Some(&name) => {
-            match svc_api.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(kube_err("deleting the Service")(e)),
-            }
+            ignore_not_found(svc_api.delete(&name, &DeleteParams::default()).await)
+                .map_err(kube_err("deleting the Service"))?;
         }
         _ => {}
     }
@@ -623,22 +698,11 @@ pub async fn run(
 
     // GPUNodes: a change may make room for a waiting model.
     let (gpu_nodes, gpu_writer) = reflector::store();
-    let tx = trigger_tx.clone();
     let gpu_stream = watcher(Api::<GPUNode>::all(client.clone()), wc.clone())
         .default_backoff()
         .reflect(gpu_writer)
         .applied_objects();
-    tokio::spawn(async move {
-        futures::pin_mut!(gpu_stream);
-        while let Some(ev) = gpu_stream.next().await {
-            match ev {
-                Ok(_) => {
-                    let _ = tx.try_send(());
-                }
-                Err(e) => tracing::warn!(error = %e, "watching GPUNodes"),
-            }
-        }
-    });
+    keep_reflecting("GPUNodes", gpu_stream, Some(trigger_tx.clone()));
 
     // Nodes: labels and taints.
     let (nodes, node_writer) = reflector::store();
@@ -646,14 +710,7 @@ pub async fn run(
         .default_backoff()
         .reflect(node_writer)
         .touched_objects();
-    tokio::spawn(async move {
-        futures::pin_mut!(node_stream);
-        while let Some(ev) = node_stream.next().await {
-            if let Err(e) = ev {
-                tracing::warn!(error = %e, "watching Nodes");
-            }
-        }
-    });
+    keep_reflecting("Nodes", node_stream, None);
 
     // Heartbeat Leases of the agents.
     let (leases, lease_writer) = reflector::store::<Lease>();
@@ -664,30 +721,18 @@ pub async fn run(
     .default_backoff()
     .reflect(lease_writer)
     .touched_objects();
-    tokio::spawn(async move {
-        futures::pin_mut!(lease_stream);
-        while let Some(ev) = lease_stream.next().await {
-            if let Err(e) = ev {
-                tracing::warn!(error = %e, "watching heartbeat Leases");
-            }
-        }
-    });
+    keep_reflecting("heartbeat Leases", lease_stream, None);
 
     // ModelReplicas: shared between the store and the controller's trigger.
     let (replicas_store, mr_writer) = reflector::store_shared::<ModelReplica>(1024);
-    let mr_subscriber = mr_writer.subscribe().ok_or(Error::StoreGone("ModelReplicas"))?;
+    let mr_subscriber = mr_writer
+        .subscribe()
+        .ok_or(Error::StoreGone("ModelReplicas"))?;
     let mr_stream = watcher(Api::<ModelReplica>::all(client.clone()), wc.clone())
         .default_backoff()
         .reflect_shared(mr_writer)
         .touched_objects();
-    tokio::spawn(async move {
-        futures::pin_mut!(mr_stream);
-        while let Some(ev) = mr_stream.next().await {
-            if let Err(e) = ev {
-                tracing::warn!(error = %e, "watching ModelReplicas");
-            }
-        }
-    });
+    keep_reflecting("ModelReplicas", mr_stream, None);
 
     for (what, ready) in [
         ("GPUNodes", gpu_nodes.wait_until_ready().await),
@@ -769,9 +814,35 @@ pub async fn run(
     Ok(())
 }
 
+/// Polls a reflector's stream for the life of the process (which keeps its store current),
+/// logging watch errors (the watcher backs off and resumes) and poking `trigger`, when given,
+/// after each change.
+fn keep_reflecting<T: Send + 'static>(
+    what: &'static str,
+    stream: impl futures::Stream<Item = Result<T, watcher::Error>> + Send + 'static,
+    trigger: Option<mpsc::Sender<()>>,
+) {
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(_) => {
+                    if let Some(tx) = &trigger {
+                        let _ = tx.try_send(());
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "watching {what}"),
+            }
+        }
+    });
+}
+
 /// The triggers as a stream.
 fn tokio_stream_from(rx: mpsc::Receiver<()>) -> impl futures::Stream<Item = ()> + Send + 'static {
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|()| ((), rx)) })
+    futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|()| ((), rx)) },
+    )
 }
 
 #[cfg(test)]
@@ -792,7 +863,11 @@ mod tests {
         e.created(mr("a"), t);
         let seen = e.apply(vec![Arc::new(mr("b"))], t);
         let names: Vec<String> = seen.iter().map(|r| r.name_any()).collect();
-        assert_eq!(names, ["b", "a"], "a was created but the store does not show it yet");
+        assert_eq!(
+            names,
+            ["b", "a"],
+            "a was created but the store does not show it yet"
+        );
 
         e.deleted(&mr("b"), t);
         let seen = e.apply(vec![Arc::new(mr("a")), Arc::new(mr("b"))], t);
@@ -811,6 +886,9 @@ mod tests {
         let mut e = Expectations::default();
         e.created(mr("a"), t);
         let seen = e.apply(vec![], t + EXPECTATION_TTL + Duration::from_secs(1));
-        assert!(seen.is_empty(), "a create never seen is forgotten after the TTL");
+        assert!(
+            seen.is_empty(),
+            "a create never seen is forgotten after the TTL"
+        );
     }
 }
