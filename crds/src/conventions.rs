@@ -60,7 +60,11 @@ pub mod reason {
     pub fn is_permanent(reason: &str) -> bool {
         matches!(
             reason,
-            CHECKSUM_MISMATCH | SOURCE_NOT_FOUND | SOURCE_FORBIDDEN | UNSUPPORTED_ARCHITECTURE | INVALID_WEIGHTS
+            CHECKSUM_MISMATCH
+                | SOURCE_NOT_FOUND
+                | SOURCE_FORBIDDEN
+                | UNSUPPORTED_ARCHITECTURE
+                | INVALID_WEIGHTS
         )
     }
 }

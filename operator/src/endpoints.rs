@@ -24,7 +24,10 @@ fn labels(lm: &LocalModel) -> BTreeMap<String, String> {
     let name = lm.metadata.name.clone().unwrap_or_default();
     BTreeMap::from([
         (MODEL_LABEL.to_string(), name),
-        ("app.kubernetes.io/managed-by".to_string(), "localmodel-operator".to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "localmodel-operator".to_string(),
+        ),
     ])
 }
 
@@ -87,23 +90,29 @@ pub fn endpoint_slices(
             continue;
         };
         let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
-        groups.entry((family, addr.port())).or_default().push(Endpoint {
-            addresses: vec![addr.ip().to_string()],
-            conditions: Some(EndpointConditions {
-                ready: Some(true),
-                serving: Some(true),
-                terminating: Some(false),
-            }),
-            node_name: Some(r.spec.node_name.clone()),
-            ..Default::default()
-        });
+        groups
+            .entry((family, addr.port()))
+            .or_default()
+            .push(Endpoint {
+                addresses: vec![addr.ip().to_string()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(true),
+                    serving: Some(true),
+                    terminating: Some(false),
+                }),
+                node_name: Some(r.spec.node_name.clone()),
+                ..Default::default()
+            });
     }
     groups
         .into_iter()
         .map(|((family, port), endpoints)| {
             let mut l = labels(lm);
             l.insert("kubernetes.io/service-name".into(), name.clone());
-            l.insert("endpointslice.kubernetes.io/managed-by".into(), MANAGED_BY.into());
+            l.insert(
+                "endpointslice.kubernetes.io/managed-by".into(),
+                MANAGED_BY.into(),
+            );
             EndpointSlice {
                 metadata: ObjectMeta {
                     name: Some(slice_name(&name, family, port)),
@@ -188,13 +197,28 @@ mod tests {
         assert_eq!(
             summary,
             vec![
-                ("m-8080".to_string(), "IPv4".to_string(), vec!["10.0.0.1".to_string(), "10.0.0.3".to_string()]),
-                ("m-9000".to_string(), "IPv4".to_string(), vec!["10.0.0.4".to_string()]),
-                ("m-v6-8080".to_string(), "IPv6".to_string(), vec!["fd00::5".to_string()]),
+                (
+                    "m-8080".to_string(),
+                    "IPv4".to_string(),
+                    vec!["10.0.0.1".to_string(), "10.0.0.3".to_string()]
+                ),
+                (
+                    "m-9000".to_string(),
+                    "IPv4".to_string(),
+                    vec!["10.0.0.4".to_string()]
+                ),
+                (
+                    "m-v6-8080".to_string(),
+                    "IPv6".to_string(),
+                    vec!["fd00::5".to_string()]
+                ),
             ]
         );
         let labels = slices[0].metadata.labels.clone().unwrap_or_default();
-        assert_eq!(labels.get("kubernetes.io/service-name").map(String::as_str), Some("m"));
+        assert_eq!(
+            labels.get("kubernetes.io/service-name").map(String::as_str),
+            Some("m")
+        );
         assert_eq!(service_url(&lm), "http://m.ns.svc:80");
         assert!(endpoint_slices(&lm, &rs[1..2], &owner).is_empty());
     }

@@ -74,7 +74,12 @@ pub fn node_view(gpu_node: &GPUNode, node: Option<&Node>, heartbeating: bool) ->
 /// Memory one replica of `lm` needs, when known: the spec's `resources.gpuMemory`, else the
 /// estimate an agent reported (in the model's status or in one of its replicas').
 pub fn memory_need(lm: &LocalModel, replicas: &[&ModelReplica]) -> Option<u64> {
-    if let Some(q) = lm.spec.resources.as_ref().and_then(|r| r.gpu_memory.as_ref()) {
+    if let Some(q) = lm
+        .spec
+        .resources
+        .as_ref()
+        .and_then(|r| r.gpu_memory.as_ref())
+    {
         if let Some(b) = parse_quantity(&q.0) {
             return Some(b);
         }
@@ -130,7 +135,11 @@ pub fn model_request(lm: &LocalModel, memory_bytes: u64, digest: Option<String>)
                 effect: t.effect,
             })
             .collect(),
-        gpu_product: lm.spec.resources.as_ref().and_then(|r| r.gpu_product.clone()),
+        gpu_product: lm
+            .spec
+            .resources
+            .as_ref()
+            .and_then(|r| r.gpu_product.clone()),
         strategy: match lm.spec.placement_strategy() {
             PlacementStrategy::BinPack => Strategy::BinPack,
             PlacementStrategy::Spread => Strategy::Spread,
@@ -140,13 +149,16 @@ pub fn model_request(lm: &LocalModel, memory_bytes: u64, digest: Option<String>)
 
 /// `r` as a bound replica. Its reservation counts only while its node does not report it
 /// loaded: once loaded, the node's free memory already reflects it.
-pub fn bound_replica(r: &ModelReplica, loaded: &BTreeMap<String, BTreeSet<String>>) -> BoundReplica {
+pub fn bound_replica(
+    r: &ModelReplica,
+    loaded: &BTreeMap<String, BTreeSet<String>>,
+) -> BoundReplica {
     let ns = r.metadata.namespace.as_deref().unwrap_or("default");
     let name = r.metadata.name.as_deref().unwrap_or("");
     let is_loaded = r.status.as_ref().and_then(|s| s.phase) == Some(ReplicaPhase::Ready)
-        && loaded.get(&r.spec.node_name).is_some_and(|set| {
-            set.contains(name) || set.contains(&format!("{ns}/{name}"))
-        });
+        && loaded
+            .get(&r.spec.node_name)
+            .is_some_and(|set| set.contains(name) || set.contains(&format!("{ns}/{name}")));
     let reserved = if is_loaded {
         0
     } else {
@@ -164,7 +176,9 @@ pub fn bound_replica(r: &ModelReplica, loaded: &BTreeMap<String, BTreeSet<String
 }
 
 /// Replicas each node reports loaded (from GPUNode `status.loadedReplicas`).
-pub fn loaded_by_node<'a>(gpu_nodes: impl IntoIterator<Item = &'a GPUNode>) -> BTreeMap<String, BTreeSet<String>> {
+pub fn loaded_by_node<'a>(
+    gpu_nodes: impl IntoIterator<Item = &'a GPUNode>,
+) -> BTreeMap<String, BTreeSet<String>> {
     gpu_nodes
         .into_iter()
         .map(|g| {
@@ -215,7 +229,12 @@ mod tests {
         g
     }
 
-    fn replica(name: &str, node: &str, phase: ReplicaPhase, reservation: Option<i64>) -> ModelReplica {
+    fn replica(
+        name: &str,
+        node: &str,
+        phase: ReplicaPhase,
+        reservation: Option<i64>,
+    ) -> ModelReplica {
         let mut r = ModelReplica::new(
             name,
             ModelReplicaSpec {
@@ -256,7 +275,11 @@ mod tests {
         assert_eq!(v.labels.get("zone").map(String::as_str), Some("a"));
         assert_eq!(v.taints.len(), 1);
         assert_eq!(v.free_bytes(), 20 << 30);
-        assert!(v.cached.contains("abcd"), "digests are normalised: {:?}", v.cached);
+        assert!(
+            v.cached.contains("abcd"),
+            "digests are normalised: {:?}",
+            v.cached
+        );
         let bare = node_view(&gpu_node("a"), None, false);
         assert!(bare.labels.is_empty() && bare.taints.is_empty() && !bare.heartbeating);
     }
@@ -264,13 +287,22 @@ mod tests {
     #[test]
     fn loaded_replicas_reserve_nothing_more() {
         let loaded = loaded_by_node([&gpu_node("a")]);
-        let ready_loaded = bound_replica(&replica("m-a", "a", ReplicaPhase::Ready, Some(100)), &loaded);
+        let ready_loaded = bound_replica(
+            &replica("m-a", "a", ReplicaPhase::Ready, Some(100)),
+            &loaded,
+        );
         assert_eq!(ready_loaded.reserved_bytes, 0);
         assert_eq!(ready_loaded.model, "default/m");
-        let pulling = bound_replica(&replica("m-a", "a", ReplicaPhase::Pulling, Some(100)), &loaded);
+        let pulling = bound_replica(
+            &replica("m-a", "a", ReplicaPhase::Pulling, Some(100)),
+            &loaded,
+        );
         assert_eq!(pulling.reserved_bytes, 100);
         let elsewhere = bound_replica(&replica("m-b", "b", ReplicaPhase::Ready, None), &loaded);
-        assert_eq!(elsewhere.reserved_bytes, 7, "falls back to the agent's estimate");
+        assert_eq!(
+            elsewhere.reserved_bytes, 7,
+            "falls back to the agent's estimate"
+        );
     }
 
     #[test]
@@ -290,7 +322,9 @@ mod tests {
     fn digest_prefers_the_pin() {
         let mut lm = LocalModel::new("m", LocalModelSpec::default());
         let mut r = replica("m-a", "a", ReplicaPhase::Ready, None);
-        r.status.as_mut().map(|s| s.digest = Some("sha256:EE".into()));
+        r.status
+            .as_mut()
+            .map(|s| s.digest = Some("sha256:EE".into()));
         assert_eq!(digest(&lm, &[&r]).as_deref(), Some("ee"));
         lm.spec.sha256 = Some("FF".into());
         assert_eq!(digest(&lm, &[&r]).as_deref(), Some("ff"));

@@ -129,11 +129,19 @@ impl LeaderElector {
             return Ok(false);
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
-        let acquire = if mine { spec.acquire_time.clone() } else { Some(now()) };
+        let acquire = if mine {
+            spec.acquire_time.clone()
+        } else {
+            Some(now())
+        };
         lease.spec = Some(self.spec(transitions, acquire));
         // `replace` carries the resourceVersion read above: if another candidate wrote in
         // between, the API server answers 409 and nobody gets the Lease twice.
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(written) => {
                 let s = written.spec.unwrap_or_default();
                 self.observed = Some((
@@ -191,7 +199,12 @@ impl LeaderElector {
 
     /// Gives the Lease up (at shutdown), so a standby takes over at once.
     pub async fn release(&mut self) -> Result<(), LeaderError> {
-        let Some(mut lease) = self.api.get_opt(&self.name).await.map_err(|e| self.api_err(e))? else {
+        let Some(mut lease) = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| self.api_err(e))?
+        else {
             return Ok(());
         };
         let Some(spec) = lease.spec.as_mut() else {
@@ -203,7 +216,11 @@ impl LeaderElector {
         spec.holder_identity = None;
         spec.renew_time = Some(now());
         spec.lease_duration_seconds = Some(1);
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) | Err(kube::Error::Api(_)) => Ok(()),
             Err(e) => Err(self.api_err(e)),
         }

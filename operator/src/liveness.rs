@@ -44,7 +44,9 @@ impl Liveness {
     pub fn observe<'a>(&mut self, leases: impl IntoIterator<Item = &'a Lease>, now: Instant) {
         let mut present = BTreeSet::new();
         for lease in leases {
-            let Some(node) = lease_node(lease) else { continue };
+            let Some(node) = lease_node(lease) else {
+                continue;
+            };
             let spec = lease.spec.clone().unwrap_or_default();
             let renew = spec.renew_time.map(|t| t.0.to_string());
             let secs = spec
@@ -134,7 +136,10 @@ mod tests {
         live.observe([&lease("a", 100, 30), &lease("b", 100, 30)], t0);
         assert!(live.alive("a", t0 + Duration::from_secs(29)));
         // b renews at t0+20, a does not.
-        live.observe([&lease("a", 100, 30), &lease("b", 120, 30)], t0 + Duration::from_secs(20));
+        live.observe(
+            [&lease("a", 100, 30), &lease("b", 120, 30)],
+            t0 + Duration::from_secs(20),
+        );
         let t = t0 + Duration::from_secs(31);
         assert!(!live.alive("a", t), "a stopped renewing 31 s ago");
         assert!(live.alive("b", t), "b renewed 11 s ago");

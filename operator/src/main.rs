@@ -50,7 +50,12 @@ struct Health {
 async fn metrics(State(h): State<Health>) -> impl IntoResponse {
     let mut buf = Vec::new();
     match TextEncoder::new().encode(&h.registry.gather(), &mut buf) {
-        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], buf).into_response(),
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            buf,
+        )
+            .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
@@ -59,7 +64,10 @@ async fn readyz(State(h): State<Health>) -> impl IntoResponse {
     if h.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ok")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not connected to the API server yet")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not connected to the API server yet",
+        )
     }
 }
 
@@ -84,7 +92,10 @@ async fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if args.log_format == "json" {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
@@ -117,7 +128,9 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    let client = Client::try_default().await.context("connecting to the API server")?;
+    let client = Client::try_default()
+        .await
+        .context("connecting to the API server")?;
     health.ready.store(true, Ordering::Relaxed);
 
     let timing = LeaseTiming {
@@ -146,9 +159,14 @@ async fn main() -> anyhow::Result<()> {
         agents_namespace: args.namespace.clone(),
         instance: Some(identity.clone()),
     };
-    let mut running = tokio::spawn(controller::run(client.clone(), metrics_.clone(), settings, async move {
-        let _ = stop_rx.await;
-    }));
+    let mut running = tokio::spawn(controller::run(
+        client.clone(),
+        metrics_.clone(),
+        settings,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
 
     tokio::select! {
         lost = elector.hold() => {

@@ -2,9 +2,7 @@
 
 use std::time::Instant;
 
-use prometheus::{
-    Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Errors registering metrics (a name registered twice).
 #[derive(Debug, thiserror::Error)]

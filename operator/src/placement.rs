@@ -209,7 +209,13 @@ pub fn fits(m: &ModelRequest, node: &NodeView, bound: &[BoundReplica]) -> Result
 /// Why `missing` of `want` replicas fit no node, in the manner of the Kubernetes scheduler:
 /// nodes counted by the first reason each was passed over, then the memory needed and the most
 /// free memory on any node that passed the other checks.
-fn unschedulable_message(m: &ModelRequest, nodes: &[NodeView], bound: &[BoundReplica], missing: usize, want: usize) -> String {
+fn unschedulable_message(
+    m: &ModelRequest,
+    nodes: &[NodeView],
+    bound: &[BoundReplica],
+    missing: usize,
+    want: usize,
+) -> String {
     let live = nodes.iter().filter(|n| n.heartbeating).count();
     if live == 0 {
         return format!(
@@ -227,7 +233,9 @@ fn unschedulable_message(m: &ModelRequest, nodes: &[NodeView], bound: &[BoundRep
             Err(Rejection::SelectorMismatch) => "nodeSelector does not match".to_string(),
             Err(Rejection::Taint(t)) => format!("untolerated taint {t}"),
             Err(Rejection::NoMatchingGpu(p)) => format!("no {p} GPU"),
-            Err(Rejection::AlreadyHostsReplica) => "already hosts a replica of this model".to_string(),
+            Err(Rejection::AlreadyHostsReplica) => {
+                "already hosts a replica of this model".to_string()
+            }
             Err(Rejection::InsufficientMemory { free, .. }) => {
                 most_free = Some(most_free.map_or(free, |f| f.max(free)));
                 "not enough free memory".to_string()
@@ -239,7 +247,16 @@ fn unschedulable_message(m: &ModelRequest, nodes: &[NodeView], bound: &[BoundRep
     reasons.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     let list: Vec<String> = reasons
         .iter()
-        .map(|(why, n)| format!("{n} {why}", n = if *n == 1 { "1 node:".to_string() } else { format!("{n} nodes:") }))
+        .map(|(why, n)| {
+            format!(
+                "{n} {why}",
+                n = if *n == 1 {
+                    "1 node:".to_string()
+                } else {
+                    format!("{n} nodes:")
+                }
+            )
+        })
         .collect();
     let memory = match most_free {
         Some(free) => format!(
@@ -297,7 +314,8 @@ pub fn place(
             free_after: left,
         });
     }
-    let unschedulable = (placements.len() < want).then(|| unschedulable_message(m, nodes, &bound, want - placements.len(), want));
+    let unschedulable = (placements.len() < want)
+        .then(|| unschedulable_message(m, nodes, &bound, want - placements.len(), want));
     Decision {
         placements,
         unschedulable,
@@ -513,7 +531,12 @@ mod tests {
         }];
         let mut dead = node("d", 80);
         dead.heartbeating = false;
-        let d = place(&model(50), &[tainted.clone(), tainted, dead, node("s", 10)], &[], 1);
+        let d = place(
+            &model(50),
+            &[tainted.clone(), tainted, dead, node("s", 10)],
+            &[],
+            1,
+        );
         let msg = d.unschedulable.expect("unschedulable");
         assert_eq!(
             msg,

@@ -98,7 +98,11 @@ pub enum Verdict {
 fn failed_at(r: &ModelReplica) -> Option<&Time> {
     r.status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == condition_type::READY))
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == condition_type::READY)
+        })
         .map(|c| &c.last_transition_time)
         .or(r.metadata.creation_timestamp.as_ref())
 }
@@ -153,7 +157,8 @@ pub fn scale_down(live: &[&ModelReplica], wanted: usize) -> Vec<usize> {
         return Vec::new();
     }
     let mut idx: Vec<usize> = (0..live.len()).collect();
-    let ready = |r: &ModelReplica| r.status.as_ref().and_then(|s| s.phase) == Some(ReplicaPhase::Ready);
+    let ready =
+        |r: &ModelReplica| r.status.as_ref().and_then(|s| s.phase) == Some(ReplicaPhase::Ready);
     idx.sort_by(|&a, &b| {
         ready(live[a])
             .cmp(&ready(live[b]))
@@ -185,7 +190,13 @@ mod tests {
         )
     }
 
-    fn replica(lm: &LocalModel, node: &str, phase: ReplicaPhase, reason: Option<&str>, failed_at: i64) -> ModelReplica {
+    fn replica(
+        lm: &LocalModel,
+        node: &str,
+        phase: ReplicaPhase,
+        reason: Option<&str>,
+        failed_at: i64,
+    ) -> ModelReplica {
         ModelReplica {
             metadata: ObjectMeta {
                 name: Some(replica_name("m", node)),
@@ -238,7 +249,13 @@ mod tests {
         assert_eq!(verdict(&m, &live, true, &now, retry), Verdict::Live);
         assert_eq!(verdict(&m, &live, false, &now, retry), Verdict::NodeLost);
 
-        let arch = replica(&m, "a", ReplicaPhase::Failed, Some("UnsupportedArchitecture"), 990);
+        let arch = replica(
+            &m,
+            "a",
+            ReplicaPhase::Failed,
+            Some("UnsupportedArchitecture"),
+            990,
+        );
         assert!(matches!(
             verdict(&m, &arch, true, &now, retry),
             Verdict::FailedPermanently { ref reason, ref message }
@@ -247,7 +264,9 @@ mod tests {
         let oom = replica(&m, "a", ReplicaPhase::Failed, Some("OutOfMemory"), 990);
         assert_eq!(
             verdict(&m, &oom, true, &now, retry),
-            Verdict::FailedRetryLater { retry_in: Duration::from_secs(50) }
+            Verdict::FailedRetryLater {
+                retry_in: Duration::from_secs(50)
+            }
         );
         let old = replica(&m, "a", ReplicaPhase::Failed, Some("OutOfMemory"), 900);
         assert_eq!(verdict(&m, &old, true, &now, retry), Verdict::FailedExpired);

@@ -5,9 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crds::local_model::{
-    LocalModel, LocalModelStatus, ModelPhase, ReplicaSummary, condition_type,
-};
+use crds::local_model::{LocalModel, LocalModelStatus, ModelPhase, ReplicaSummary, condition_type};
 use crds::model_replica::{ModelReplica, ReplicaPhase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -171,7 +169,9 @@ pub fn model_status(
             condition_type::SCHEDULED,
             false,
             reason,
-            format!("{message}; placing it on another node cannot help, so no replica is placed until the spec changes"),
+            format!(
+                "{message}; placing it on another node cannot help, so no replica is placed until the spec changes"
+            ),
             generation,
             now,
         ),
@@ -194,7 +194,12 @@ pub fn model_status(
             if wanted == 0 {
                 "no replicas wanted (spec.replicas is 0)".to_string()
             } else {
-                format!("{} of {} placed on: {}", live, plural(wanted, "replica"), nodes.join(", "))
+                format!(
+                    "{} of {} placed on: {}",
+                    live,
+                    plural(wanted, "replica"),
+                    nodes.join(", ")
+                )
             },
             generation,
             now,
@@ -219,7 +224,10 @@ pub fn model_status(
             format!(
                 "{} downloading{}",
                 plural(pulling, "replica"),
-                progress.as_ref().map(|p| format!(", {p}")).unwrap_or_default()
+                progress
+                    .as_ref()
+                    .map(|p| format!(", {p}"))
+                    .unwrap_or_default()
             )
         } else {
             "no replica has its weights yet".to_string()
@@ -245,7 +253,10 @@ pub fn model_status(
     } else if let Some((reason, message)) = &first_failure {
         (reason.as_str(), message.clone())
     } else {
-        ("Pending", "waiting for the node agents to pick up the replicas".to_string())
+        (
+            "Pending",
+            "waiting for the node agents to pick up the replicas".to_string(),
+        )
     };
     set_condition(
         &mut conditions,
@@ -317,7 +328,9 @@ pub fn phase_change(
 }
 
 /// Counts models by phase name (for the `localmodel_operator_models` gauge).
-pub fn count_phases<'a>(phases: impl Iterator<Item = &'a ModelPhase>) -> BTreeMap<&'static str, i64> {
+pub fn count_phases<'a>(
+    phases: impl Iterator<Item = &'a ModelPhase>,
+) -> BTreeMap<&'static str, i64> {
     let mut m = BTreeMap::new();
     for p in phases {
         *m.entry(p.as_str()).or_insert(0) += 1;
@@ -380,9 +393,17 @@ mod tests {
             (1, vec![], ModelPhase::Pending),
             (1, vec![ReplicaPhase::Pending], ModelPhase::Scheduled),
             (1, vec![ReplicaPhase::Pulling], ModelPhase::Pulling),
-            (2, vec![ReplicaPhase::Pulling, ReplicaPhase::Loading], ModelPhase::Loading),
+            (
+                2,
+                vec![ReplicaPhase::Pulling, ReplicaPhase::Loading],
+                ModelPhase::Loading,
+            ),
             (1, vec![ReplicaPhase::Ready], ModelPhase::Ready),
-            (2, vec![ReplicaPhase::Ready, ReplicaPhase::Pulling], ModelPhase::Degraded),
+            (
+                2,
+                vec![ReplicaPhase::Ready, ReplicaPhase::Pulling],
+                ModelPhase::Degraded,
+            ),
             (1, vec![ReplicaPhase::Failed], ModelPhase::Degraded),
             (0, vec![], ModelPhase::Scheduled),
         ];
@@ -405,7 +426,10 @@ mod tests {
         assert_eq!(cond(&s, "Ready").status, "True");
         assert_eq!(cond(&s, "Ready").message, "1 of 2 replicas ready");
         assert_eq!(cond(&s, "Degraded").status, "True");
-        assert_eq!(cond(&s, "Scheduled").message, "2 of 2 replicas placed on: a, b");
+        assert_eq!(
+            cond(&s, "Scheduled").message,
+            "2 of 2 replicas placed on: a, b"
+        );
         assert_eq!(s.observed_generation, Some(3));
     }
 
@@ -432,7 +456,10 @@ mod tests {
         let s = model_status(&lm(1), &[], &o, &t(1));
         assert_eq!(s.phase, Some(ModelPhase::Pending));
         let c = cond(&s, "Scheduled");
-        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Unschedulable"));
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "Unschedulable")
+        );
         assert!(c.message.contains("500.0 GiB"), "{}", c.message);
 
         let mut failed = mr("a", ReplicaPhase::Failed);
@@ -459,6 +486,9 @@ mod tests {
         let s = model_status(&lm(2), &[a, b], &Observed::default(), &t(1));
         assert_eq!(s.progress.as_deref(), Some("40%"));
         assert_eq!(s.replica_statuses[0].progress.as_deref(), Some("30%"));
-        assert_eq!(cond(&s, "WeightsReady").message, "2 replicas downloading, 40%");
+        assert_eq!(
+            cond(&s, "WeightsReady").message,
+            "2 replicas downloading, 40%"
+        );
     }
 }

@@ -8,10 +8,18 @@ fn operator() -> Command {
 
 #[test]
 fn help_lists_the_flags_a_deployment_sets() {
-    let out = operator().arg("--help").output().expect("running operator --help");
+    let out = operator()
+        .arg("--help")
+        .output()
+        .expect("running operator --help");
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--metrics-listen", "--namespace", "--identity", "--leader-lease-seconds"] {
+    for flag in [
+        "--metrics-listen",
+        "--namespace",
+        "--identity",
+        "--leader-lease-seconds",
+    ] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
 }
@@ -27,7 +35,13 @@ fn without_an_api_server_it_exits_with_a_clear_error() {
         .env("HOME", dir.path())
         .output()
         .expect("running operator");
-    assert!(!out.status.success(), "it must not run without an API server");
+    assert!(
+        !out.status.success(),
+        "it must not run without an API server"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("connecting to the API server"), "stderr:\n{err}");
+    assert!(
+        err.contains("connecting to the API server"),
+        "stderr:\n{err}"
+    );
 }

@@ -21,7 +21,9 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 
@@ -43,13 +45,27 @@ fn parse_args() -> Result<Args, String> {
     while let Some(flag) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
         match flag.as_str() {
-            "--nodes" => a.nodes = value("--nodes")?.parse().map_err(|e| format!("--nodes: {e}"))?,
-            "--models" => a.models = value("--models")?.parse().map_err(|e| format!("--models: {e}"))?,
+            "--nodes" => {
+                a.nodes = value("--nodes")?
+                    .parse()
+                    .map_err(|e| format!("--nodes: {e}"))?
+            }
+            "--models" => {
+                a.models = value("--models")?
+                    .parse()
+                    .map_err(|e| format!("--models: {e}"))?
+            }
             "--timeout-seconds" => {
-                a.timeout = Duration::from_secs(value("--timeout-seconds")?.parse().map_err(|e| format!("--timeout-seconds: {e}"))?)
+                a.timeout = Duration::from_secs(
+                    value("--timeout-seconds")?
+                        .parse()
+                        .map_err(|e| format!("--timeout-seconds: {e}"))?,
+                )
             }
             "-h" | "--help" => {
-                return Err("usage: placement-bench [--nodes N] [--models M] [--timeout-seconds S]".into());
+                return Err(
+                    "usage: placement-bench [--nodes N] [--models M] [--timeout-seconds S]".into(),
+                );
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -62,16 +78,25 @@ fn kubectl_ok(cp: &ControlPlane, args: &[&str]) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)))
+        Err(format!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
 /// `apiserver_request_total` summed by (verb, resource), from the API server's /metrics.
 async fn request_counts(client: &kube::Client) -> Result<BTreeMap<(String, String), f64>, String> {
-    let req = http::Request::get("/metrics").body(Vec::new()).map_err(|e| e.to_string())?;
+    let req = http::Request::get("/metrics")
+        .body(Vec::new())
+        .map_err(|e| e.to_string())?;
     let text = client.request_text(req).await.map_err(|e| e.to_string())?;
     let mut out = BTreeMap::new();
-    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
         let (labels, value) = match line.rsplit_once(' ') {
             Some(x) => x,
             None => continue,
@@ -113,19 +138,55 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let client = cp.client();
     let root = workspace_root();
-    for f in std::fs::read_dir(root.join("crds")).map_err(|e| e.to_string())?.flatten() {
+    for f in std::fs::read_dir(root.join("crds"))
+        .map_err(|e| e.to_string())?
+        .flatten()
+    {
         if f.path().extension().is_some_and(|e| e == "yaml") {
-            kubectl_ok(&cp, &["apply", "--server-side", "-f", f.path().to_str().unwrap_or("")])?;
+            kubectl_ok(
+                &cp,
+                &[
+                    "apply",
+                    "--server-side",
+                    "-f",
+                    f.path().to_str().unwrap_or(""),
+                ],
+            )?;
         }
     }
-    kubectl_ok(&cp, &["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"])?;
+    kubectl_ok(
+        &cp,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        ],
+    )?;
     let _ = Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": NS}})).map_err(|e| e.to_string())?)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NS}}))
+                .map_err(|e| e.to_string())?,
+        )
         .await;
-    kubectl_ok(&cp, &["apply", "-f", root.join("deploy/rbac").to_str().unwrap_or("")])?;
+    kubectl_ok(
+        &cp,
+        &[
+            "apply",
+            "-f",
+            root.join("deploy/rbac").to_str().unwrap_or(""),
+        ],
+    )?;
 
     // Nodes: GPUNode with status + heartbeat Lease.
-    let gvk = |k: &str, p: &str| ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("localmodel.dev", "v1alpha1", k), p);
+    let gvk = |k: &str, p: &str| {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("localmodel.dev", "v1alpha1", k),
+            p,
+        )
+    };
     let gpunodes: Api<DynamicObject> = Api::all_with(client.clone(), &gvk("GPUNode", "gpunodes"));
     let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
     let t = Instant::now();
@@ -160,10 +221,15 @@ async fn run(args: Args) -> Result<(), String> {
         .buffer_unordered(32)
         .try_collect::<Vec<()>>()
         .await?;
-    eprintln!("created {} GPUNodes and Leases in {:.1} s", args.nodes, t.elapsed().as_secs_f64());
+    eprintln!(
+        "created {} GPUNodes and Leases in {:.1} s",
+        args.nodes,
+        t.elapsed().as_secs_f64()
+    );
 
     // Models, all created before the operator starts: the time measured is placement only.
-    let models: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &gvk("LocalModel", "localmodels"));
+    let models: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &gvk("LocalModel", "localmodels"));
     let mut wanted_replicas = 0;
     for i in 0..args.models {
         let replicas = 1 + i % 3;
@@ -181,30 +247,54 @@ async fn run(args: Args) -> Result<(), String> {
         if i % 2 == 1 {
             spec["placement"] = json!("Spread");
         }
-        let obj: DynamicObject = serde_json::from_value(json!({"apiVersion": "localmodel.dev/v1alpha1", "kind": "LocalModel",
-            "metadata": {"name": format!("model-{i:04}")}, "spec": spec})).map_err(|e| e.to_string())?;
-        models.create(&PostParams::default(), &obj).await.map_err(|e| format!("LocalModel {i}: {e}"))?;
+        let obj: DynamicObject = serde_json::from_value(
+            json!({"apiVersion": "localmodel.dev/v1alpha1", "kind": "LocalModel",
+            "metadata": {"name": format!("model-{i:04}")}, "spec": spec}),
+        )
+        .map_err(|e| e.to_string())?;
+        models
+            .create(&PostParams::default(), &obj)
+            .await
+            .map_err(|e| format!("LocalModel {i}: {e}"))?;
     }
-    eprintln!("created {} LocalModels ({wanted_replicas} replicas wanted)", args.models);
+    eprintln!(
+        "created {} LocalModels ({wanted_replicas} replicas wanted)",
+        args.models
+    );
 
     // Count API requests from here on; the benchmark itself makes one watch.
     let before = request_counts(&client).await?;
-    let token = cp.token_for_service_account(NS, "localmodel-operator").await.map_err(|e| e.to_string())?;
-    let kubeconfig = cp.token_kubeconfig("operator", &token).map_err(|e| e.to_string())?;
+    let token = cp
+        .token_for_service_account(NS, "localmodel-operator")
+        .await
+        .map_err(|e| e.to_string())?;
+    let kubeconfig = cp
+        .token_kubeconfig("operator", &token)
+        .map_err(|e| e.to_string())?;
     let bin = workspace_binary("operator").map_err(|e| e.to_string())?;
     let log = cp.dir().join("operator.log");
     let start = Instant::now();
     let mut op = Daemon::spawn(
         "operator",
         &bin,
-        &["--metrics-listen".into(), "127.0.0.1:0".into(), "--namespace".into(), NS.into()],
-        &[("KUBECONFIG", kubeconfig.display().to_string()), ("RUST_LOG", "warn".into())],
+        &[
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--namespace".into(),
+            NS.into(),
+        ],
+        &[
+            ("KUBECONFIG", kubeconfig.display().to_string()),
+            ("RUST_LOG", "warn".into()),
+        ],
         &log,
     )
     .map_err(|e| e.to_string())?;
 
     let mut scheduled: BTreeMap<String, bool> = BTreeMap::new();
-    let stream = watcher(models.clone(), watcher::Config::default()).default_backoff().applied_objects();
+    let stream = watcher(models.clone(), watcher::Config::default())
+        .default_backoff()
+        .applied_objects();
     futures::pin_mut!(stream);
     let deadline = tokio::time::sleep(args.timeout);
     tokio::pin!(deadline);
@@ -251,11 +341,22 @@ async fn run(args: Args) -> Result<(), String> {
     }
     // The benchmark's own: the LocalModel watch (list + watch) and two /metrics reads.
     let total: f64 = by_kind.values().sum::<f64>() - 3.0;
-    let mrs: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &gvk("ModelReplica", "modelreplicas"));
-    let placed = mrs.list(&Default::default()).await.map_err(|e| e.to_string())?.items.len();
+    let mrs: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "default",
+        &gvk("ModelReplica", "modelreplicas"),
+    );
+    let placed = mrs
+        .list(&Default::default())
+        .await
+        .map_err(|e| e.to_string())?
+        .items
+        .len();
     op.terminate(Duration::from_secs(10));
 
-    println!("| GPUNodes | LocalModels | replicas placed | time to all Scheduled | operator peak RSS | API requests by the operator |");
+    println!(
+        "| GPUNodes | LocalModels | replicas placed | time to all Scheduled | operator peak RSS | API requests by the operator |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|");
     println!(
         "| {} | {} | {placed} of {wanted_replicas} | {:.1} s | {:.0} MiB | {:.0} |",
