@@ -15,19 +15,24 @@
 //!   kubeconfig path and how to stop it.
 //! * `LOCALMODEL_KUBECTL`: the kubectl to run (default: `kubectl` on `PATH`).
 //! * `LOCALMODEL_E2E_START_TIMEOUT`: seconds to wait for the control plane (default 180).
+//! * `LOCALMODEL_PROMETHEUS_BIN`: directory holding `prometheus` and `promtool`; unset:
+//!   `e2e/prometheus/install.sh` finds them on `PATH` or unpacks Debian's package into the cache.
 
 mod binaries;
 mod control_plane;
 pub mod daemon;
 mod error;
+pub mod helm;
 mod pki;
 mod process;
+pub mod prometheus;
 pub mod wait;
 
 pub use binaries::{Binaries, find_binaries};
 pub use control_plane::{Builder, ControlPlane, shared};
 pub use daemon::{Daemon, workspace_binary};
 pub use error::Error;
+pub use prometheus::Prometheus;
 
 /// Result with the harness [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

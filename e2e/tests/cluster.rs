@@ -1,7 +1,8 @@
 //! The vertical slice on a real control plane: the operator and three node-agents (each its own
-//! process, node name and fake GPU inventory, each running with a ServiceAccount token bound
-//! to the least-privilege RBAC in `deploy/rbac/`), weights served by a local HTTP server in
-//! Hugging Face layout (through `HF_ENDPOINT`).
+//! process, node name and fake GPU inventory, each running with a token of the Helm chart's
+//! ServiceAccounts, bound by the chart's own RBAC and admission policy, rendered with
+//! `helm template`), weights served by a local HTTP server in Hugging Face layout (through
+//! `HF_ENDPOINT`), and a real Prometheus scraping the agents and the operators all along.
 //!
 //! The agents listen on this machine's first non-loopback IPv4 address, each on its own port:
 //! the API server refuses loopback addresses in EndpointSlices, so `127.0.0.N` cannot appear
@@ -9,7 +10,8 @@
 //!
 //! One test walks through a model's life in order (apply, scale, lose a node, restart the
 //! operator, delete), because every step builds on the state the previous one left; the
-//! failure cases and the RBAC refusals are separate tests on the same cluster.
+//! failure cases, the RBAC refusals and the dashboards' queries are separate tests on the same
+//! cluster.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -22,6 +24,7 @@ use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use e2e::prometheus::{Prometheus, Target};
 use e2e::{ControlPlane, Daemon, shared, wait, workspace_binary, workspace_root};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -194,7 +197,11 @@ struct Cluster {
     operators: Vec<Daemon>,
     /// `/metrics` address of each operator, in start order.
     operator_metrics: Vec<SocketAddr>,
+    /// Identity of each operator, in start order.
+    operator_ids: Vec<String>,
     agents: Vec<Agent>,
+    /// Scrapes every agent and operator, labelled as the chart's PodMonitor labels them.
+    prometheus: Prometheus,
 }
 
 /// The one cluster of this test binary; tests take the lock in turn (they share agents).
@@ -304,9 +311,23 @@ impl Cluster {
             ],
         );
         let _ = cp.kubectl(["create", "namespace", NS]);
-        kubectl_ok(
-            cp,
-            &["apply", "-f", root.join("deploy/rbac").to_str().unwrap()],
+        // The chart's ServiceAccounts, RBAC and admission policy, as `helm install` would
+        // create them in NS under the release name "localmodel".
+        let rbac = e2e::helm::render_rbac(NS)
+            .unwrap_or_else(|e| panic!("rendering the chart's RBAC: {e}"));
+        for name in ["localmodel-operator", "localmodel-agent"] {
+            assert!(
+                rbac.contains(&format!(
+                    "kind: ServiceAccount\nmetadata:\n  name: {name}\n"
+                )),
+                "the chart renders ServiceAccount {name}:\n{rbac}"
+            );
+        }
+        let out = cp.kubectl_stdin(["apply", "-f", "-"], &rbac);
+        assert!(
+            out.status.success(),
+            "applying the chart's RBAC: {}",
+            text(&out)
         );
 
         // Nodes (labels for nodeSelector; the agents' tokens are bound to Pods on them).
@@ -366,6 +387,8 @@ impl Cluster {
                 daemon: None,
             });
         }
+        let prometheus = Prometheus::start(&dir.join("prometheus"), &[])
+            .unwrap_or_else(|e| panic!("starting Prometheus: {e}"));
         let mut c = Cluster {
             cp,
             dir,
@@ -375,8 +398,11 @@ impl Cluster {
             operator_kubeconfig,
             operators: Vec::new(),
             operator_metrics: Vec::new(),
+            operator_ids: Vec::new(),
             agents,
+            prometheus,
         };
+        c.update_scrape_targets();
         for i in 0..c.agents.len() {
             c.start_agent(i);
         }
@@ -474,10 +500,41 @@ impl Cluster {
         let log = self.dir.join(format!("{identity}.log"));
         self.operators
             .push(Daemon::spawn(identity, &bin, &args, &env, &log).unwrap());
+        self.operator_ids.push(identity.to_string());
+        self.update_scrape_targets();
+    }
+
+    /// Points Prometheus at every agent and operator, with the `node` and `pod` labels the
+    /// chart's PodMonitor relabelling gives them in a cluster.
+    fn update_scrape_targets(&self) {
+        let mut targets: Vec<Target> = self
+            .agents
+            .iter()
+            .map(|a| Target {
+                job: "localmodel-agent".into(),
+                addr: a.addr,
+                labels: [
+                    ("node".to_string(), a.node.clone()),
+                    ("pod".to_string(), format!("agent-{}", a.node)),
+                ]
+                .into(),
+            })
+            .collect();
+        for (id, addr) in self.operator_ids.iter().zip(&self.operator_metrics) {
+            targets.push(Target {
+                job: "localmodel-operator".into(),
+                addr: *addr,
+                labels: [("pod".to_string(), id.clone())].into(),
+            });
+        }
+        self.prometheus
+            .set_targets(&targets)
+            .unwrap_or_else(|e| panic!("writing Prometheus' targets: {e}"));
     }
 
     fn logs(&self) -> String {
-        let mut s = String::new();
+        let mut s = self.prometheus.log_tail(10);
+        s.push('\n');
         for o in &self.operators {
             s.push_str(&o.log_tail(40));
             s.push('\n');
@@ -1343,4 +1400,254 @@ async fn an_agent_cannot_write_another_nodes_objects() {
         })
     })
     .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The chart's `helm test` hook and the Grafana dashboards, against a served model
+
+/// `label_values(SELECTOR, LABEL)` of a Grafana query variable.
+fn label_values_query(q: &str) -> Option<(String, String)> {
+    let inner = q.trim().strip_prefix("label_values(")?.strip_suffix(')')?;
+    let (selector, label) = inner.rsplit_once(',')?;
+    Some((selector.trim().to_string(), label.trim().to_string()))
+}
+
+/// Every PromQL expression of a dashboard: `(panel title, expr)`.
+fn panel_queries(dashboard: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for p in dashboard["panels"].as_array().into_iter().flatten() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            if let Some(e) = t["expr"].as_str() {
+                out.push((
+                    p["title"].as_str().unwrap_or("?").to_string(),
+                    e.to_string(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_served_model_answers_the_helm_test_and_fills_every_dashboard_panel() {
+    with_cluster(|c| Box::pin(helm_test_and_dashboards(c))).await;
+}
+
+async fn helm_test_and_dashboards(c: &mut Cluster) {
+    let model = "dash";
+    let served = "dash-smollm2";
+    apply(
+        c,
+        &model_manifest(
+            model,
+            json!({
+                "source": "hf://e2e/smollm2/model.gguf",
+                "servedName": served,
+                "engine": { "contextLength": 2048, "maxConcurrentSequences": 2 },
+            }),
+        ),
+    );
+    let (rs, _) = wait_ready(c, model, 1, Duration::from_secs(180)).await;
+    let node = rs[0].node.clone();
+    let addr = c.agent_of(&node).addr;
+
+    // --- The chart's test hook: render it for this model, run its arguments with the agent
+    // binary (the hook's image runs the same binary), expect an answer.
+    let url = format!("http://{addr}/v1");
+    let hook = e2e::helm::render(
+        "localmodel",
+        NS,
+        &[
+            "--show-only",
+            "templates/tests/chat.yaml",
+            "--set",
+            &format!("tests.model={model},tests.namespace=default,tests.servedName={served}"),
+            "--set",
+            &format!("tests.url={url}"),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let pod: Value = serde_saphyr::from_str(&hook).unwrap_or_else(|e| panic!("{e}\n{hook}"));
+    assert_eq!(
+        pod["metadata"]["annotations"]["helm.sh/hook"], "test",
+        "{hook}"
+    );
+    let args: Vec<String> = pod["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the hook has args: {hook}"))
+        .iter()
+        .map(|a| a.as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(args.contains(&format!("--url={url}")), "{args:?}");
+    let out = std::process::Command::new(workspace_binary("node-agent").unwrap())
+        .args(&args)
+        .output()
+        .expect("running node-agent chat");
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    println!(
+        "helm test hook `node-agent {}` answered: {answer:?}",
+        args.join(" ")
+    );
+    assert!(
+        out.status.success(),
+        "the hook's command failed: {}",
+        text(&out)
+    );
+    assert!(!answer.is_empty(), "empty answer: {}", text(&out));
+
+    // The same command against a model that is not served fails, with the server's message.
+    let mut wrong = args.clone();
+    for a in &mut wrong {
+        if a.starts_with("--model=") {
+            *a = "--model=no-such-model".into();
+        }
+    }
+    let out = std::process::Command::new(workspace_binary("node-agent").unwrap())
+        .args(&wrong)
+        .output()
+        .expect("running node-agent chat");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a missing model must fail the hook: {}",
+        text(&out)
+    );
+    assert!(
+        err.contains("404") && err.contains("no-such-model"),
+        "{err}"
+    );
+
+    // --- Traffic for the dashboards: a few completions and one refused request.
+    let http = reqwest::Client::new();
+    for i in 0..3 {
+        let resp = http
+            .post(format!("{url}/chat/completions"))
+            .json(&json!({
+                "model": served,
+                "messages": [{"role": "user", "content": format!("Count to {}.", i + 3)}],
+                "max_tokens": 12,
+            }))
+            .timeout(Duration::from_secs(120))
+            .send()
+            .await
+            .expect("chat completion");
+        assert_eq!(resp.status(), StatusCode::OK, "{:?}", resp.text().await);
+    }
+    let resp = http
+        .post(format!("{url}/chat/completions"))
+        .json(&json!({
+            "model": served,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "temperature": 7,
+        }))
+        .send()
+        .await
+        .expect("refused request");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+
+    // --- Every panel of every dashboard returns data from the real Prometheus. The chart
+    // ships the same files (checked by the chart tests).
+    let root = workspace_root();
+    let mut queries = Vec::new();
+    let mut variables = Vec::new();
+    for file in ["fleet.json", "model.json"] {
+        let path = root.join("examples/dashboards").join(file);
+        let d: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let title = d["title"].as_str().unwrap_or(file).to_string();
+        for (panel, expr) in panel_queries(&d) {
+            queries.push((format!("{title} / {panel}"), expr));
+        }
+        for v in d["templating"]["list"].as_array().into_iter().flatten() {
+            if v["type"] == "query" {
+                let q = v["query"]["query"]
+                    .as_str()
+                    .or(v["query"].as_str())
+                    .unwrap_or("");
+                variables.push((v["name"].as_str().unwrap_or("").to_string(), q.to_string()));
+            }
+        }
+    }
+    assert!(queries.len() >= 20, "{queries:?}");
+    // Grafana's substitutions: the variables as a user would pick them.
+    let substitute = |q: &str| {
+        q.replace("$__rate_interval", "1m")
+            .replace("$namespace", "default")
+            .replace("$model", served)
+            .replace("$node", &node)
+    };
+    let prom = &c.prometheus;
+    let r = wait::until_seen(
+        "every dashboard panel returning finite data",
+        Duration::from_secs(90),
+        || {
+            let queries = &queries;
+            let substitute = &substitute;
+            async move {
+                let mut missing = Vec::new();
+                let mut seen = Vec::new();
+                for (panel, expr) in queries {
+                    let expr = substitute(expr);
+                    match prom.query(&expr).await {
+                        Ok(samples) if samples.iter().any(|s| s.value.is_finite()) => {
+                            seen.push(format!("{panel}: {} series", samples.len()))
+                        }
+                        Ok(samples) => missing.push(format!(
+                            "{panel}: {expr} -> {:?}",
+                            samples.iter().map(|s| s.value).collect::<Vec<_>>()
+                        )),
+                        Err(e) => missing.push(format!("{panel}: {e}")),
+                    }
+                }
+                if missing.is_empty() {
+                    Ok(seen)
+                } else {
+                    Err(missing.join("\n"))
+                }
+            }
+        },
+    )
+    .await;
+    let seen = match r {
+        Ok(seen) => seen,
+        Err(e) => panic!("{e}\nPrometheus targets: {:?}", prom.targets().await),
+    };
+    println!(
+        "{} panel queries returned data:\n  {}",
+        seen.len(),
+        seen.join("\n  ")
+    );
+
+    // The template variables list what was picked above.
+    for (name, q) in &variables {
+        let (selector, label) =
+            label_values_query(q).unwrap_or_else(|| panic!("variable {name}: {q}"));
+        let want = match name.as_str() {
+            "namespace" => "default",
+            "model" => served,
+            "node" => node.as_str(),
+            other => panic!("unexpected variable {other}"),
+        };
+        let values = prom
+            .label_values(&label, &substitute(&selector))
+            .await
+            .unwrap_or_else(|e| panic!("variable {name}: {e}"));
+        assert!(
+            values.iter().any(|v| v == want),
+            "variable {name} ({q}) offers {values:?}, not {want}"
+        );
+    }
+
+    kubectl_ok(
+        c.cp,
+        &[
+            "delete",
+            "localmodel",
+            model,
+            "-n",
+            "default",
+            "--wait=true",
+            "--timeout=60s",
+        ],
+    );
 }

@@ -30,6 +30,32 @@ pub enum Command {
     /// Cluster mode: register this node's GPUNode, heartbeat, and pull, load and serve the
     /// ModelReplicas bound to this node.
     Run(RunArgs),
+    /// Send one chat completion to an OpenAI-compatible endpoint and print the reply (the
+    /// chart's `helm test` runs this against a model's Service).
+    Chat(ChatArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// Base URL of the OpenAI API, with or without /v1, e.g. http://smollm2.default.svc/v1.
+    #[arg(
+        long,
+        env = "LOCALMODEL_URL",
+        default_value = "http://127.0.0.1:8080/v1"
+    )]
+    pub url: String,
+    /// The model to ask: the LocalModel's served name.
+    #[arg(long)]
+    pub model: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: u32,
+    /// Seconds to wait for the whole answer.
+    #[arg(long, default_value_t = 300)]
+    pub timeout_seconds: u64,
+    /// The user message.
+    #[arg(default_value = "Say hello in one short sentence.")]
+    pub prompt: String,
 }
 
 /// Where weights are cached.

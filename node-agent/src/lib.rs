@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod cache;
+pub mod chat;
 pub mod cli;
 pub mod cluster;
 pub mod engine;
@@ -53,6 +54,8 @@ pub enum AgentError {
     Server(std::io::Error),
     #[error("--fake-gpus: {0}")]
     FakeGpus(#[from] cluster::inventory::FakeGpuError),
+    #[error(transparent)]
+    Chat(#[from] chat::ChatError),
     #[error("{action}: {source}")]
     Kube {
         action: String,

@@ -9,7 +9,7 @@ fn main() -> anyhow::Result<()> {
     let threads = match &cli.command {
         Command::Serve(s) => s.engine.threads,
         Command::Run(r) => r.engine.threads,
-        Command::Pull(_) => None,
+        Command::Pull(_) | Command::Chat(_) => None,
     };
     let threads = threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -29,6 +29,7 @@ fn main() -> anyhow::Result<()> {
             Command::Pull(args) => node_agent::standalone::pull(args).await?,
             Command::Serve(args) => node_agent::standalone::serve(args).await?,
             Command::Run(args) => node_agent::cluster::run(args).await?,
+            Command::Chat(args) => println!("{}", node_agent::chat::chat(&args).await?),
         }
         Ok(())
     })

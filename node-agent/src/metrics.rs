@@ -34,6 +34,8 @@ pub struct Metrics {
     pub models_loaded: IntGauge,
     pub cache_used_bytes: IntGauge,
     pub cache_capacity_bytes: IntGauge,
+    pub gpu_memory_total_bytes: IntGaugeVec,
+    pub gpu_memory_free_bytes: IntGaugeVec,
 }
 
 /// Errors building the metrics (a name clash, which is a programming error surfaced at start).
@@ -180,8 +182,30 @@ impl Metrics {
                 "localmodel_cache_capacity_bytes",
                 "Capacity of the node cache in bytes."
             )?),
+            gpu_memory_total_bytes: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "localmodel_gpu_memory_total_bytes",
+                    "Memory of each GPU of the node in bytes."
+                ),
+                &["gpu", "product"]
+            )?),
+            gpu_memory_free_bytes: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "localmodel_gpu_memory_free_bytes",
+                    "Free memory of each GPU in bytes, as the GPUNode reports it (measured, or the total less what the agent placed there)."
+                ),
+                &["gpu", "product"]
+            )?),
             registry,
         })
+    }
+
+    /// Records one GPU's memory.
+    pub fn set_gpu(&self, index: u32, product: &str, total: i64, free: i64) {
+        let gpu = index.to_string();
+        let l = &[gpu.as_str(), product];
+        self.gpu_memory_total_bytes.with_label_values(l).set(total);
+        self.gpu_memory_free_bytes.with_label_values(l).set(free);
     }
 
     /// The registry, for the `/metrics` handler.
@@ -304,6 +328,25 @@ mod tests {
         );
         assert!(
             text.contains("vllm:time_to_first_token_seconds_bucket"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn gpu_memory_is_labelled_by_device() {
+        let m = Metrics::new(Registry::new()).expect("metrics");
+        m.set_gpu(1, "NVIDIA L4", 24 << 30, 20 << 30);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "localmodel_gpu_memory_free_bytes{gpu=\"1\",product=\"NVIDIA L4\"} 21474836480"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "localmodel_gpu_memory_total_bytes{gpu=\"1\",product=\"NVIDIA L4\"} 25769803776"
+            ),
             "{text}"
         );
     }

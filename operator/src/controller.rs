@@ -162,7 +162,8 @@ pub struct Context {
     /// Last Service/EndpointSlices applied per model (serialised), to skip unchanged applies.
     applied: Mutex<HashMap<String, String>>,
     /// Phase per model for the models gauge.
-    phases: Mutex<HashMap<String, ModelPhase>>,
+    /// Phase and served name of every LocalModel, by `namespace/name`.
+    phases: Mutex<HashMap<String, (ModelPhase, String)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -226,13 +227,34 @@ impl Context {
             .collect()
     }
 
-    fn set_phase(&self, key: &str, phase: Option<ModelPhase>) {
+    /// Records a model's phase (None: the model is gone) in the phase gauges.
+    fn set_phase(&self, lm: &LocalModel, phase: Option<ModelPhase>) {
+        let ns = lm.namespace().unwrap_or_default();
+        let name = lm.name_any();
+        let key = model_key(&ns, &name);
         let mut phases = lock(&self.phases);
-        match phase {
-            Some(p) => phases.insert(key.to_string(), p),
-            None => phases.remove(key),
+        let next = phase.map(|p| (p, lm.served_name().to_string()));
+        let previous = match next.clone() {
+            Some(n) => phases.insert(key, n),
+            None => phases.remove(&key),
         };
-        let counts = status::count_phases(phases.values());
+        if previous != next {
+            if let Some((p, served)) = &previous {
+                let _ = self.metrics.model_info.remove_label_values(&[
+                    ns.as_str(),
+                    name.as_str(),
+                    served.as_str(),
+                    p.as_str(),
+                ]);
+            }
+            if let Some((p, served)) = &next {
+                self.metrics
+                    .model_info
+                    .with_label_values(&[ns.as_str(), name.as_str(), served.as_str(), p.as_str()])
+                    .set(1);
+            }
+        }
+        let counts = status::count_phases(phases.values().map(|(p, _)| p));
         for p in ModelPhase::ALL {
             self.metrics
                 .models
@@ -554,7 +576,7 @@ async fn apply(lm: &LocalModel, ctx: &Context) -> Result<Action, Error> {
             .await;
         }
     }
-    ctx.set_phase(&key, new_status.phase);
+    ctx.set_phase(lm, new_status.phase);
     Ok(Action::requeue(requeue))
 }
 
@@ -664,7 +686,7 @@ async fn cleanup(lm: &LocalModel, ctx: &Context) -> Result<Action, Error> {
     }
     let key = model_key(&ns, &name);
     lock(&ctx.applied).remove(&key);
-    ctx.set_phase(&key, None);
+    ctx.set_phase(lm, None);
     ctx.event(
         lm,
         EventType::Normal,

@@ -24,6 +24,9 @@ pub struct Metrics {
     pub placements: IntCounterVec,
     /// LocalModels by `phase`.
     pub models: IntGaugeVec,
+    /// 1 for each LocalModel, labelled with its `namespace`, `model` (name), `served_name` (the
+    /// `model_name` label of the agents' serving metrics) and `phase`: what dashboards join on.
+    pub model_info: IntGaugeVec,
     /// 1 while this process holds the leader Lease.
     pub leader: IntGauge,
 }
@@ -65,6 +68,13 @@ impl Metrics {
             Opts::new("localmodel_operator_models", "LocalModels by phase."),
             &["phase"],
         )?;
+        let model_info = IntGaugeVec::new(
+            Opts::new(
+                "localmodel_operator_model_info",
+                "1 per LocalModel, with its namespace, name, served name and phase.",
+            ),
+            &["namespace", "model", "served_name", "phase"],
+        )?;
         let leader = IntGauge::new(
             "localmodel_operator_leader",
             "1 while this operator process holds the leader Lease and writes.",
@@ -74,6 +84,7 @@ impl Metrics {
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(placements.clone()))?;
         registry.register(Box::new(models.clone()))?;
+        registry.register(Box::new(model_info.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         Ok(Self {
             registry,
@@ -82,6 +93,7 @@ impl Metrics {
             reconcile_duration,
             placements,
             models,
+            model_info,
             leader,
         })
     }

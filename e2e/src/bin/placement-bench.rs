@@ -9,7 +9,7 @@
 //! Nodes get a heterogeneous inventory (1-8 GPUs of L4 24 GiB, A100 80 GiB, H100 80 GiB, T4
 //! 16 GiB), each a heartbeat Lease valid for an hour; models ask 4-60 GiB with 1-3 replicas, a
 //! tenth of them pinned to a GPU product (and then at most 20 GiB, so every model fits somewhere). The operator runs with the ServiceAccount token and
-//! RBAC of `deploy/rbac/`. API requests are counted from kube-apiserver's
+//! RBAC of the Helm chart (`charts/localmodel`). API requests are counted from kube-apiserver's
 //! `apiserver_request_total`, minus the benchmark's own.
 
 use std::collections::BTreeMap;
@@ -171,14 +171,14 @@ async fn run(args: Args) -> Result<(), String> {
                 .map_err(|e| e.to_string())?,
         )
         .await;
-    kubectl_ok(
-        &cp,
-        &[
-            "apply",
-            "-f",
-            root.join("deploy/rbac").to_str().unwrap_or(""),
-        ],
-    )?;
+    let rbac = e2e::helm::render_rbac(NS)?;
+    let out = cp.kubectl_stdin(["apply", "-f", "-"], &rbac);
+    if !out.status.success() {
+        return Err(format!(
+            "applying the chart's RBAC: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
 
     // Nodes: GPUNode with status + heartbeat Lease.
     let gvk = |k: &str, p: &str| {

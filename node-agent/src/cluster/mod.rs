@@ -76,13 +76,25 @@ impl Agent {
         };
         let table = self.table();
         let charges: Vec<&Charge> = table.charges().collect();
-        node::build_status(
+        let status = node::build_status(
             &snapshot,
             &charges,
             usage.as_ref(),
             table.loaded_replicas(),
             &self.endpoint,
-        )
+        );
+        if let Some(u) = &usage {
+            self.metrics.set_cache(u.used_bytes, u.capacity_bytes);
+        }
+        for g in &status.gpus {
+            self.metrics.set_gpu(
+                g.index,
+                &g.product,
+                g.memory_total_bytes,
+                g.memory_free_bytes,
+            );
+        }
+        status
     }
 }
 
