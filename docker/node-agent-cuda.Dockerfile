@@ -20,6 +20,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends gcc g++ pkg-con
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# Images carry no debug info (the release profile keeps line tables for profiling).
+ENV CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=symbols
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} RUSTFLAGS="-C target-cpu=${TARGET_CPU}" \

@@ -11,6 +11,8 @@ FROM rust:${RUST_VERSION}-bookworm AS build
 ARG TARGET_CPU=x86-64-v3
 WORKDIR /src
 COPY . .
+# Images carry no debug info (the release profile keeps line tables for profiling).
+ENV CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=symbols
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     RUSTFLAGS="-C target-cpu=${TARGET_CPU}" cargo build --release --locked -p node-agent \

@@ -58,8 +58,16 @@ fn locate() -> Result<Binaries> {
         "e2e: LOCALMODEL_CONTROLPLANE_BIN unset; running {} (first run builds kube-apiserver, etcd and helm: minutes)",
         script.display()
     );
+    let dir = dir_printed_by(&script)?;
+    Binaries::in_dir(dir)
+}
+
+/// Runs `bash SCRIPT` (stderr shown as it goes) and returns the directory it prints as its last
+/// non-empty stdout line: how the harness's setup scripts (`controlplane/build.sh`,
+/// `prometheus/install.sh`, `prometheus/operator-crds.sh`) hand over what they made.
+pub fn dir_printed_by(script: &Path) -> Result<PathBuf> {
     let out = Command::new("bash")
-        .arg(&script)
+        .arg(script)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -77,5 +85,5 @@ fn locate() -> Result<Binaries> {
         .rev()
         .find(|l| !l.trim().is_empty())
         .ok_or_else(|| Error::Binaries(format!("{} printed no directory", script.display())))?;
-    Binaries::in_dir(PathBuf::from(dir.trim()))
+    Ok(PathBuf::from(dir.trim()))
 }

@@ -5,37 +5,23 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::binaries::dir_printed_by;
 use crate::daemon::Daemon;
 use crate::{Error, Result};
 
 /// Directory holding `prometheus` and `promtool` (see `e2e/prometheus/install.sh`).
 pub fn prometheus_bin_dir() -> Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("prometheus/install.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| Error::io(format!("running {}", script.display()), e))?;
-    if !out.status.success() {
-        return Err(Error::Binaries(format!(
-            "{} failed with {} (its output is above)",
-            script.display(),
-            out.status
-        )));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .ok_or_else(|| Error::Binaries(format!("{} printed no directory", script.display())))?;
-    Ok(PathBuf::from(dir.trim()))
+    dir_printed_by(&Path::new(env!("CARGO_MANIFEST_DIR")).join("prometheus/install.sh"))
+}
+
+/// The Prometheus operator's CRD folder (see `e2e/prometheus/operator-crds.sh`).
+pub fn prometheus_operator_crds_dir() -> Result<PathBuf> {
+    dir_printed_by(&Path::new(env!("CARGO_MANIFEST_DIR")).join("prometheus/operator-crds.sh"))
 }
 
 /// One scrape target: `job` and extra labels (e.g. `node`) as a PodMonitor's relabelling

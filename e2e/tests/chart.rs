@@ -82,6 +82,14 @@ fn assert_hardened(what: &str, sc: &Value) {
     );
 }
 
+/// The pod's volume named `name`.
+fn volume<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    pod["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == name))
+        .unwrap_or_else(|| panic!("no volume {name} in {}", pod["volumes"]))
+}
+
 fn render_ok(extra: &[&str]) -> String {
     render("localmodel", NS, extra).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -165,10 +173,7 @@ fn default_values_render_a_hardened_leader_elected_operator_and_a_gpu_daemonset(
     );
     assert!(strings(&c["args"]).contains(&"--cache-size=100Gi".to_string()));
     assert_hardened("agent", &c["securityContext"]);
-    let cache = pod["volumes"]
-        .as_array()
-        .and_then(|v| v.iter().find(|v| v["name"] == "cache"))
-        .expect("a cache volume");
+    let cache = volume(pod, "cache");
     assert_eq!(cache["hostPath"]["path"], "/var/lib/localmodel/models");
     // The hostPath is created root-owned: only the chown init container runs as root, with
     // CAP_CHOWN alone.
@@ -247,10 +252,7 @@ fn custom_values_turn_on_monitors_policies_and_other_choices() {
         .and_then(|m| m.iter().find(|m| m["name"] == "cache"))
         .expect("cache mount");
     assert_eq!(mount["subPathExpr"], "$(NODE_NAME)");
-    let cache = pod["volumes"]
-        .as_array()
-        .and_then(|v| v.iter().find(|v| v["name"] == "cache"))
-        .expect("a cache volume");
+    let cache = volume(pod, "cache");
     assert_eq!(cache["persistentVolumeClaim"]["claimName"], "model-cache");
 
     for kind in ["ServiceMonitor", "PodMonitor"] {
@@ -304,10 +306,7 @@ fn an_ephemeral_cache_claims_the_cache_size() {
         "agent.cache.type=ephemeral,agent.cache.size=250Gi,agent.cache.ephemeral.storageClassName=fast",
     ]));
     let pod = &find(&objs, "DaemonSet", "localmodel-agent")["spec"]["template"]["spec"];
-    let cache = pod["volumes"]
-        .as_array()
-        .and_then(|v| v.iter().find(|v| v["name"] == "cache"))
-        .expect("a cache volume");
+    let cache = volume(pod, "cache");
     let spec = &cache["ephemeral"]["volumeClaimTemplate"]["spec"];
     assert_eq!(spec["resources"]["requests"]["storage"], "250Gi", "{cache}");
     assert_eq!(spec["storageClassName"], "fast", "{cache}");
@@ -430,29 +429,14 @@ fn the_chart_ships_the_example_dashboards_unchanged() {
     }
 }
 
-/// The Prometheus operator's CRD folder (`e2e/prometheus/operator-crds.sh`).
-fn prometheus_operator_crds() -> std::path::PathBuf {
-    let script = workspace_root().join("e2e/prometheus/operator-crds.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        script.display(),
-        out_text(&out)
-    );
-    std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
 #[tokio::test]
 async fn the_api_server_accepts_the_rendered_chart_in_a_dry_run() {
     let cp = shared();
     let ns = cp.create_namespace("chart").await.expect("namespace");
     let _ = cp.kubectl(["create", "namespace", "monitoring"]);
     // The Prometheus operator's own CRDs, so the monitors are checked against their schemas.
-    let crds = prometheus_operator_crds();
+    let crds =
+        e2e::prometheus::prometheus_operator_crds_dir().expect("the Prometheus operator's CRDs");
     for f in ["servicemonitors", "podmonitors"] {
         let path = crds.join(format!("monitoring.coreos.com_{f}.yaml"));
         let out = cp.kubectl(["apply", "--server-side", "-f", path.to_str().unwrap()]);
@@ -496,6 +480,63 @@ async fn the_api_server_accepts_the_rendered_chart_in_a_dry_run() {
             "{what}: every object went through the API server"
         );
     }
+
+    // `helm install --dry-run=server`: Helm's own install path against the API server, and the
+    // NOTES it prints tell how to apply a first model and reach it.
+    let chart = chart_dir();
+    let out = cp.helm([
+        "install",
+        "localmodel",
+        chart.to_str().unwrap(),
+        "--namespace",
+        ns.as_str(),
+        "--dry-run=server",
+    ]);
+    assert!(
+        out.status.success(),
+        "helm install --dry-run=server: {}",
+        out_text(&out)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let notes = stdout
+        .split("NOTES:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no NOTES in:\n{stdout}"));
+    println!("NOTES:{notes}");
+    for want in [
+        "kubectl get gpunodes",
+        "kind: LocalModel",
+        "kubectl wait --for=condition=Ready localmodel/smollm2",
+        "http://smollm2.default.svc/v1",
+        &format!("helm test localmodel -n {ns}"),
+    ] {
+        assert!(notes.contains(want), "NOTES lack {want:?}:\n{notes}");
+    }
+    // The first model of the NOTES is a manifest the API server accepts (with the chart's CRDs
+    // installed for real).
+    let crds = chart.join("crds");
+    let out = cp.kubectl(["apply", "--server-side", "-f", crds.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out_text(&out));
+    let out = cp.kubectl([
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/localmodels.localmodel.dev",
+    ]);
+    assert!(out.status.success(), "{}", out_text(&out));
+    let manifest: String = notes
+        .lines()
+        .skip_while(|l| !l.contains("apiVersion: localmodel.dev"))
+        .take_while(|l| !l.trim().starts_with("YAML"))
+        .map(|l| l.strip_prefix("     ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let out = cp.kubectl_stdin(["apply", "--dry-run=server", "-f", "-"], &manifest);
+    assert!(
+        out.status.success(),
+        "the NOTES' model:\n{manifest}\n{}",
+        out_text(&out)
+    );
 
     // The monitors' schemas are enforced: a relabelling with a bad action is refused.
     let bad = render(

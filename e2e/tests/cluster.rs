@@ -601,6 +601,22 @@ fn model_manifest(name: &str, spec: Value) -> String {
     .unwrap()
 }
 
+/// Deletes the LocalModel and waits until it is gone (finalizer done).
+fn delete_model(c: &Cluster, model: &str) {
+    kubectl_ok(
+        c.cp,
+        &[
+            "delete",
+            "localmodel",
+            model,
+            "-n",
+            "default",
+            "--wait=true",
+            "--timeout=60s",
+        ],
+    );
+}
+
 fn apply(c: &Cluster, manifest: &str) {
     let out = c.cp.kubectl_stdin(["apply", "-f", "-"], manifest);
     assert!(out.status.success(), "kubectl apply: {}", text(&out));
@@ -1214,18 +1230,7 @@ async fn a_model_that_fits_no_node_says_so() {
                 "and the largest free memory seen: {msg}"
             );
             assert!(replicas_of(c, model).await.is_empty());
-            kubectl_ok(
-                c.cp,
-                &[
-                    "delete",
-                    "localmodel",
-                    model,
-                    "-n",
-                    "default",
-                    "--wait=true",
-                    "--timeout=60s",
-                ],
-            );
+            delete_model(c, model);
         })
     })
     .await;
@@ -1285,18 +1290,7 @@ async fn an_unsupported_architecture_fails_once_without_a_retry_loop() {
                 downloads <= 1,
                 "one download for a permanent failure, saw {downloads}"
             );
-            kubectl_ok(
-                c.cp,
-                &[
-                    "delete",
-                    "localmodel",
-                    model,
-                    "-n",
-                    "default",
-                    "--wait=true",
-                    "--timeout=60s",
-                ],
-            );
+            delete_model(c, model);
         })
     })
     .await;
@@ -1638,16 +1632,5 @@ async fn helm_test_and_dashboards(c: &mut Cluster) {
         );
     }
 
-    kubectl_ok(
-        c.cp,
-        &[
-            "delete",
-            "localmodel",
-            model,
-            "-n",
-            "default",
-            "--wait=true",
-            "--timeout=60s",
-        ],
-    );
+    delete_model(c, model);
 }
