@@ -110,6 +110,34 @@ impl Prometheus {
         })
     }
 
+    /// Waits until `/-/ready` answers 200; fails at once, with its log, if Prometheus exited.
+    pub async fn wait_ready(&mut self, within: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + within;
+        let url = format!("http://{}/-/ready", self.addr);
+        let mut last = String::from("no answer yet");
+        loop {
+            if let Some(status) = self.daemon.exited() {
+                return Err(Error::Other(format!(
+                    "prometheus exited with {status} while starting:\n{}",
+                    self.daemon.log_tail(20)
+                )));
+            }
+            match self.http.get(&url).send().await {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) => last = format!("{url} answered {}", r.status()),
+                Err(e) => last = format!("{url}: {e}"),
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    what: "Prometheus to be ready".into(),
+                    waited: within,
+                    last,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

@@ -387,7 +387,11 @@ impl Cluster {
                 daemon: None,
             });
         }
-        let prometheus = Prometheus::start(&dir.join("prometheus"), &[])
+        let mut prometheus = Prometheus::start(&dir.join("prometheus"), &[])
+            .unwrap_or_else(|e| panic!("starting Prometheus: {e}"));
+        prometheus
+            .wait_ready(Duration::from_secs(60))
+            .await
             .unwrap_or_else(|e| panic!("starting Prometheus: {e}"));
         let mut c = Cluster {
             cp,
