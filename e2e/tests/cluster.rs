@@ -1581,7 +1581,21 @@ async fn helm_test_and_dashboards(c: &mut Cluster) {
         || {
             let queries = &queries;
             let substitute = &substitute;
+            let http = &http;
+            let url = &url;
             async move {
+                // Traffic on every round keeps the 1m latency windows filled however long
+                // the wait takes: an empty panel then means a wrong query, not old data.
+                let _ = http
+                    .post(format!("{url}/chat/completions"))
+                    .json(&json!({
+                        "model": served,
+                        "messages": [{"role": "user", "content": "Hello"}],
+                        "max_tokens": 4,
+                    }))
+                    .timeout(Duration::from_secs(60))
+                    .send()
+                    .await;
                 let mut missing = Vec::new();
                 let mut seen = Vec::new();
                 for (panel, expr) in queries {
