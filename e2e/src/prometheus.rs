@@ -114,7 +114,7 @@ impl Prometheus {
     pub async fn wait_ready(&mut self, within: Duration) -> Result<()> {
         let deadline = std::time::Instant::now() + within;
         let url = format!("http://{}/-/ready", self.addr);
-        let mut last = String::from("no answer yet");
+        let mut last: String;
         loop {
             if let Some(status) = self.daemon.exited() {
                 return Err(Error::Other(format!(

@@ -66,6 +66,11 @@ fn env<'a>(container: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no env {name} in {}", container["env"]))
 }
 
+/// The downward-API field an env variable of `container` reads.
+fn field_ref<'a>(container: &'a Value, name: &str) -> &'a Value {
+    &env(container, name)["valueFrom"]["fieldRef"]["fieldPath"]
+}
+
 /// The hardened securityContext the chart promises wherever the workload allows it.
 fn assert_hardened(what: &str, sc: &Value) {
     assert_eq!(sc["runAsNonRoot"], true, "{what}: {sc}");
@@ -135,14 +140,8 @@ fn default_values_render_a_hardened_leader_elected_operator_and_a_gpu_daemonset(
     let c = &pod["containers"][0];
     assert_eq!(c["image"], "localmodel/operator:0.1.0");
     assert!(strings(&c["args"]).contains(&"--leader-lease-seconds=10".to_string()));
-    assert_eq!(
-        env(c, "POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
-        "metadata.name"
-    );
-    assert_eq!(
-        env(c, "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"],
-        "metadata.namespace"
-    );
+    assert_eq!(field_ref(c, "POD_NAME"), "metadata.name");
+    assert_eq!(field_ref(c, "POD_NAMESPACE"), "metadata.namespace");
     assert_hardened("operator", &c["securityContext"]);
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(
@@ -158,14 +157,8 @@ fn default_values_render_a_hardened_leader_elected_operator_and_a_gpu_daemonset(
     assert!(pod["runtimeClassName"].is_null(), "{pod}");
     let c = &pod["containers"][0];
     assert_eq!(c["image"], "localmodel/node-agent:0.1.0-cuda");
-    assert_eq!(
-        env(c, "NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
-        "spec.nodeName"
-    );
-    assert_eq!(
-        env(c, "POD_IP")["valueFrom"]["fieldRef"]["fieldPath"],
-        "status.podIP"
-    );
+    assert_eq!(field_ref(c, "NODE_NAME"), "spec.nodeName");
+    assert_eq!(field_ref(c, "POD_IP"), "status.podIP");
     assert_eq!(env(c, "NVIDIA_VISIBLE_DEVICES")["value"], "all");
     assert_eq!(
         env(c, "NVIDIA_DRIVER_CAPABILITIES")["value"],

@@ -1,5 +1,6 @@
 //! The vertical slice on a real control plane: the operator and three node-agents (each its own
-//! process, node name and fake GPU inventory, each running with a token of the Helm chart's
+//! process started with the arguments and environment of the chart's DaemonSet or Deployment,
+//! with its own node name and fake GPU inventory, each running with a token of the Helm chart's
 //! ServiceAccounts, bound by the chart's own RBAC and admission policy, rendered with
 //! `helm template`), weights served by a local HTTP server in Hugging Face layout (through
 //! `HF_ENDPOINT`), and a real Prometheus scraping the agents and the operators all along.
@@ -24,6 +25,7 @@ use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use e2e::helm::{PodFacts, RenderedContainer};
 use e2e::prometheus::{Prometheus, Target};
 use e2e::{ControlPlane, Daemon, shared, wait, workspace_binary, workspace_root};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -202,6 +204,9 @@ struct Cluster {
     agents: Vec<Agent>,
     /// Scrapes every agent and operator, labelled as the chart's PodMonitor labels them.
     prometheus: Prometheus,
+    /// The chart's agent (DaemonSet) and operator (Deployment) containers.
+    agent_container: RenderedContainer,
+    operator_container: RenderedContainer,
 }
 
 /// The one cluster of this test binary; tests take the lock in turn (they share agents).
@@ -387,6 +392,32 @@ impl Cluster {
                 daemon: None,
             });
         }
+        // The chart's workloads, rendered with declared GPUs (there are none here).
+        let workloads = e2e::helm::render(
+            "localmodel",
+            NS,
+            &[
+                "--show-only",
+                "templates/agent.yaml",
+                "--show-only",
+                "templates/operator.yaml",
+                "--set",
+                "agent.fakeGpus=NVIDIA L4=24GiB",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("rendering the chart's workloads: {e}"));
+        let agent_container =
+            RenderedContainer::from_rendered(&workloads, "DaemonSet", "localmodel-agent")
+                .unwrap_or_else(|e| panic!("{e}"));
+        let operator_container =
+            RenderedContainer::from_rendered(&workloads, "Deployment", "localmodel-operator")
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            agent_container
+                .args
+                .contains(&"--fake-gpus=NVIDIA L4=24GiB".to_string()),
+            "{agent_container:?}"
+        );
         let mut prometheus = Prometheus::start(&dir.join("prometheus"), &[])
             .unwrap_or_else(|e| panic!("starting Prometheus: {e}"));
         prometheus
@@ -405,6 +436,8 @@ impl Cluster {
             operator_ids: Vec::new(),
             agents,
             prometheus,
+            agent_container,
+            operator_container,
         };
         c.update_scrape_targets();
         for i in 0..c.agents.len() {
@@ -448,37 +481,46 @@ impl Cluster {
         c
     }
 
+    /// Starts agent `i` as the chart's DaemonSet pod would run it: the rendered container's
+    /// arguments and environment (downward API resolved for its node), except the listen
+    /// address (pods have an IP each; here the agents share the host's, so each has a port)
+    /// and the cache folder (the pod's hostPath mount).
     fn start_agent(&mut self, i: usize) {
         let bin = workspace_binary("node-agent").unwrap();
         let a = &mut self.agents[i];
-        let args: Vec<String> = [
-            "run",
-            "--node-name",
-            &a.node,
-            "--listen",
-            &a.addr.to_string(),
-            "--advertise-address",
-            &a.addr.ip().to_string(),
-            "--namespace",
-            NS,
-            "--fake-gpus",
-            "NVIDIA L4=24GiB",
-            "--cache-dir",
-            a.cache.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let env = [
-            ("KUBECONFIG", a.kubeconfig.display().to_string()),
-            ("HF_ENDPOINT", format!("http://{}", self.hub_addr)),
-            ("RUST_LOG", "info".to_string()),
-        ];
+        let args = self
+            .agent_container
+            .args_with(&[
+                ("--listen=", format!("--listen={}", a.addr)),
+                ("--cache-dir=", format!("--cache-dir={}", a.cache.display())),
+            ])
+            .unwrap_or_else(|e| panic!("the chart's agent container: {e}"));
+        let pod = PodFacts {
+            node: a.node.clone(),
+            pod_ip: a.addr.ip().to_string(),
+            namespace: NS.to_string(),
+            pod_name: format!("agent-{}", a.node),
+        };
+        let mut env = self
+            .agent_container
+            .env(&pod)
+            .unwrap_or_else(|e| panic!("the chart's agent container: {e}"));
+        env.extend([
+            ("KUBECONFIG".to_string(), a.kubeconfig.display().to_string()),
+            (
+                "HF_ENDPOINT".to_string(),
+                format!("http://{}", self.hub_addr),
+            ),
+            ("RUST_LOG".to_string(), "info".to_string()),
+        ]);
+        let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
         let log = self.dir.join(format!("agent-{}.log", a.node));
         a.daemon =
             Some(Daemon::spawn(&format!("agent {}", a.node), &bin, &args, &env, &log).unwrap());
     }
 
+    /// Starts an operator as the chart's Deployment pod would run it (rendered arguments and
+    /// environment), on a metrics port of its own.
     fn start_operator(&mut self, identity: &str) {
         let bin = workspace_binary("operator").unwrap();
         let metrics = SocketAddr::new(
@@ -486,21 +528,28 @@ impl Cluster {
             free_port("127.0.0.1".parse().unwrap()),
         );
         self.operator_metrics.push(metrics);
-        let args: Vec<String> = [
-            "--metrics-listen",
-            &metrics.to_string(),
-            "--namespace",
-            NS,
-            "--identity",
-            identity,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let env = [
-            ("KUBECONFIG", self.operator_kubeconfig.display().to_string()),
-            ("RUST_LOG", "info,operator=debug".to_string()),
-        ];
+        let args = self
+            .operator_container
+            .args_with(&[("--metrics-listen=", format!("--metrics-listen={metrics}"))])
+            .unwrap_or_else(|e| panic!("the chart's operator container: {e}"));
+        let pod = PodFacts {
+            node: "control".to_string(),
+            pod_ip: "127.0.0.1".to_string(),
+            namespace: NS.to_string(),
+            pod_name: identity.to_string(),
+        };
+        let mut env = self
+            .operator_container
+            .env(&pod)
+            .unwrap_or_else(|e| panic!("the chart's operator container: {e}"));
+        env.extend([
+            (
+                "KUBECONFIG".to_string(),
+                self.operator_kubeconfig.display().to_string(),
+            ),
+            ("RUST_LOG".to_string(), "info,operator=debug".to_string()),
+        ]);
+        let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
         let log = self.dir.join(format!("{identity}.log"));
         self.operators
             .push(Daemon::spawn(identity, &bin, &args, &env, &log).unwrap());
