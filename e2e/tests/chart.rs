@@ -1,8 +1,10 @@
 //! The Helm chart, checked by the real tools: `helm lint` and `helm template` (helm from the
 //! control-plane build) with default and non-default values (`charts/localmodel/ci/`), the
 //! values schema refusing bad input, the rendered objects' contents, the agent's and operator's
-//! rendered arguments parsed by the real binaries, and `kubectl apply --dry-run=server` of the
-//! rendered chart against a real API server.
+//! rendered arguments parsed by the real binaries, `kubectl apply --dry-run=server` of the
+//! rendered chart (with the Prometheus operator's CRDs for the monitors) and `helm install
+//! --dry-run=server` with its NOTES against a real API server, and a real release installed,
+//! upgraded to the custom values and uninstalled.
 
 use std::path::Path;
 
@@ -423,7 +425,7 @@ fn the_chart_ships_the_example_dashboards_unchanged() {
 }
 
 #[tokio::test]
-async fn the_api_server_accepts_the_rendered_chart_in_a_dry_run() {
+async fn the_api_server_accepts_the_chart_dry_run_install_upgrade_and_uninstall() {
     let cp = shared();
     let ns = cp.create_namespace("chart").await.expect("namespace");
     let _ = cp.kubectl(["create", "namespace", "monitoring"]);
@@ -528,6 +530,71 @@ async fn the_api_server_accepts_the_rendered_chart_in_a_dry_run() {
     assert!(
         out.status.success(),
         "the NOTES' model:\n{manifest}\n{}",
+        out_text(&out)
+    );
+
+    // A real release: install with default values, upgrade to the custom ones, uninstall.
+    // (No kubelet or controller-manager runs here, so pods never start; the API objects do.)
+    let real = cp.create_namespace("release").await.expect("namespace");
+    let release = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--namespace", real.as_str()]);
+        let out = cp.helm(&all);
+        assert!(
+            out.status.success(),
+            "helm {}: {}",
+            all.join(" "),
+            out_text(&out)
+        );
+    };
+    let chart_path = chart.to_str().unwrap();
+    release(&["install", "lm-real", chart_path]);
+    let names = |kind: &str| {
+        let out = cp.kubectl(["get", kind, "-n", real.as_str(), "-o", "name"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        names("deployment"),
+        "deployment.apps/lm-real-localmodel-operator"
+    );
+    assert_eq!(
+        names("daemonset"),
+        "daemonset.apps/lm-real-localmodel-agent"
+    );
+    release(&["upgrade", "lm-real", chart_path, "-f", custom.as_str()]);
+    let replicas = cp.kubectl([
+        "get",
+        "deployment",
+        "lm-real-localmodel-operator",
+        "-n",
+        real.as_str(),
+        "-o",
+        "jsonpath={.spec.replicas}",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&replicas.stdout),
+        "3",
+        "{}",
+        out_text(&replicas)
+    );
+    assert_eq!(
+        names("servicemonitor").lines().count(),
+        2,
+        "the upgrade added the monitors"
+    );
+    release(&["uninstall", "lm-real", "--wait"]);
+    for kind in [
+        "deployment",
+        "daemonset",
+        "servicemonitor",
+        "serviceaccount",
+    ] {
+        assert_eq!(names(kind), "", "{kind} left after uninstall");
+    }
+    let out = cp.kubectl(["get", "clusterrole", "lm-real-localmodel-operator"]);
+    assert!(
+        !out.status.success(),
+        "the ClusterRole is gone: {}",
         out_text(&out)
     );
 
