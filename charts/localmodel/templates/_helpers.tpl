@@ -80,6 +80,9 @@ runAsNonRoot: true
 runAsUser: 65532
 runAsGroup: 65532
 fsGroup: 65532
+# Volumes are chowned only when their root is not already the group's (a large model cache
+# would otherwise be walked at every start).
+fsGroupChangePolicy: OnRootMismatch
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
