@@ -49,8 +49,9 @@ pub struct Prometheus {
 }
 
 impl Prometheus {
-    /// Starts Prometheus in `dir` (config, data and log), scraping every second.
-    pub fn start(dir: &Path, targets: &[Target]) -> Result<Prometheus> {
+    /// Starts Prometheus in `dir` (config, data and log), scraping and evaluating `rule_files`
+    /// every second.
+    pub fn start(dir: &Path, targets: &[Target], rule_files: &[PathBuf]) -> Result<Prometheus> {
         let bin = prometheus_bin_dir()?;
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
@@ -59,6 +60,7 @@ impl Prometheus {
         // JSON is YAML: the config needs no YAML writer.
         let config = json!({
             "global": { "scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s" },
+            "rule_files": rule_files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
             "scrape_configs": [{
                 "job_name": "localmodel",
                 "file_sd_configs": [{ "files": [targets_file.display().to_string()], "refresh_interval": "1s" }],
@@ -67,6 +69,7 @@ impl Prometheus {
         let config_file = dir.join("prometheus.yml");
         std::fs::write(&config_file, config.to_string())
             .map_err(|e| Error::io(format!("writing {}", config_file.display()), e))?;
+        // promtool checks the configuration and the rule files it names.
         let check = Command::new(bin.join("promtool"))
             .args(["check", "config"])
             .arg(&config_file)
@@ -210,6 +213,45 @@ impl Prometheus {
             .into_iter()
             .flatten()
             .filter_map(|v| v.as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// Every loaded rule: `(name, health, last error)` (health is `unknown` until evaluated).
+    pub async fn rules(&self) -> Result<Vec<(String, String, String)>, String> {
+        let data = self.get("/api/v1/rules", &[]).await?;
+        Ok(data["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .map(|r| {
+                (
+                    r["name"].as_str().unwrap_or("").to_string(),
+                    r["health"].as_str().unwrap_or("").to_string(),
+                    r["lastError"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect())
+    }
+
+    /// Alerts pending or firing now: `(labels, state)`.
+    pub async fn alerts(&self) -> Result<Vec<(BTreeMap<String, String>, String)>, String> {
+        let data = self.get("/api/v1/alerts", &[]).await?;
+        Ok(data["alerts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| {
+                let labels = a["labels"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (labels, a["state"].as_str().unwrap_or("").to_string())
+            })
             .collect())
     }
 

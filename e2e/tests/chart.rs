@@ -188,7 +188,12 @@ fn default_values_render_a_hardened_leader_elected_operator_and_a_gpu_daemonset(
     assert_hardened("helm test", &hc["securityContext"]);
 
     // Off by default: monitors (they need the Prometheus operator's CRDs) and policies.
-    for kind in ["ServiceMonitor", "PodMonitor", "NetworkPolicy"] {
+    for kind in [
+        "ServiceMonitor",
+        "PodMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+    ] {
         assert_eq!(count(&objs, kind), 0, "{kind} rendered by default");
     }
     assert_eq!(count(&objs, "ValidatingAdmissionPolicy"), 1);
@@ -264,6 +269,19 @@ fn custom_values_turn_on_monitors_policies_and_other_choices() {
         find(&objs, "ServiceMonitor", "localmodel-agent")["metadata"]["labels"]["release"],
         "prometheus"
     );
+    // The alerting rules are the rule file as is (the e2e Prometheus loads that file).
+    let rule = find(&objs, "PrometheusRule", "localmodel");
+    assert_eq!(rule["metadata"]["labels"]["release"], "prometheus");
+    let file = chart_dir().join("rules/localmodel.rules.yaml");
+    let want: Value = serde_saphyr::from_str(&std::fs::read_to_string(&file).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    assert_eq!(
+        rule["spec"],
+        want,
+        "the PrometheusRule holds {}",
+        file.display()
+    );
+
     let np = find(&objs, "NetworkPolicy", "localmodel-agent");
     assert_eq!(
         np["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["localmodel.dev/clients"],
@@ -432,7 +450,7 @@ async fn the_api_server_accepts_the_chart_dry_run_install_upgrade_and_uninstall(
     // The Prometheus operator's own CRDs, so the monitors are checked against their schemas.
     let crds =
         e2e::prometheus::prometheus_operator_crds_dir().expect("the Prometheus operator's CRDs");
-    for f in ["servicemonitors", "podmonitors"] {
+    for f in ["servicemonitors", "podmonitors", "prometheusrules"] {
         let path = crds.join(format!("monitoring.coreos.com_{f}.yaml"));
         let out = cp.kubectl(["apply", "--server-side", "-f", path.to_str().unwrap()]);
         assert!(
@@ -448,6 +466,7 @@ async fn the_api_server_accepts_the_chart_dry_run_install_upgrade_and_uninstall(
         "--timeout=60s",
         "crd/servicemonitors.monitoring.coreos.com",
         "crd/podmonitors.monitoring.coreos.com",
+        "crd/prometheusrules.monitoring.coreos.com",
     ]);
     assert!(out.status.success(), "{}", out_text(&out));
 

@@ -418,8 +418,12 @@ impl Cluster {
                 .contains(&"--fake-gpus=NVIDIA L4=24GiB".to_string()),
             "{agent_container:?}"
         );
-        let mut prometheus = Prometheus::start(&dir.join("prometheus"), &[])
-            .unwrap_or_else(|e| panic!("starting Prometheus: {e}"));
+        let mut prometheus = Prometheus::start(
+            &dir.join("prometheus"),
+            &[],
+            &[root.join("charts/localmodel/rules/localmodel.rules.yaml")],
+        )
+        .unwrap_or_else(|e| panic!("starting Prometheus: {e}"));
         prometheus
             .wait_ready(Duration::from_secs(60))
             .await
@@ -1315,6 +1319,27 @@ async fn an_unsupported_architecture_fails_once_without_a_retry_loop() {
             let cond = condition(&st, "Scheduled").cloned().unwrap_or(Value::Null);
             println!("Failed: {cond}");
             assert_eq!(cond["reason"], "UnsupportedArchitecture", "{st}");
+            // The chart's alert for it goes pending in the real Prometheus (it fires after 1m).
+            let prom = &c.prometheus;
+            let alert = wait::until_seen(
+                "alert LocalModelFailed for default/abacus",
+                Duration::from_secs(60),
+                || async move {
+                    let alerts = prom.alerts().await?;
+                    alerts
+                        .iter()
+                        .find(|(l, _)| {
+                            l.get("alertname").map(String::as_str) == Some("LocalModelFailed")
+                                && l.get("model").map(String::as_str) == Some(model)
+                                && l.get("namespace").map(String::as_str) == Some("default")
+                        })
+                        .cloned()
+                        .ok_or_else(|| format!("{alerts:?}"))
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+            println!("alert: {alert:?}");
             // No loop: the failed replica stays, nothing new is placed or downloaded.
             let first: BTreeSet<String> = replicas_of(c, model)
                 .await
@@ -1677,6 +1702,43 @@ async fn helm_test_and_dashboards(c: &mut Cluster) {
         "{} panel queries returned data:\n  {}",
         seen.len(),
         seen.join("\n  ")
+    );
+
+    // Every alerting rule of the chart evaluates without error against these series.
+    let rules = wait::until_seen("every rule evaluated", Duration::from_secs(30), || async {
+        let rules = prom.rules().await?;
+        if rules.len() >= 7 && rules.iter().all(|(_, health, _)| health == "ok") {
+            Ok(rules)
+        } else {
+            Err(format!("{rules:?}"))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "{} alerting rules evaluate: {:?}",
+        rules.len(),
+        rules.iter().map(|r| &r.0).collect::<Vec<_>>()
+    );
+
+    // Every agent is scraped; so is the operator that runs now.
+    let targets = prom.targets().await.expect("Prometheus targets");
+    for a in &c.agents {
+        let url = format!("http://{}/metrics", a.addr);
+        assert!(
+            targets
+                .iter()
+                .any(|(u, health, _)| *u == url && health == "up"),
+            "agent {} ({url}) is not scraped: {targets:?}",
+            a.node
+        );
+    }
+    let leader = *c.operator_metrics.last().unwrap();
+    assert!(
+        targets
+            .iter()
+            .any(|(u, health, _)| *u == format!("http://{leader}/metrics") && health == "up"),
+        "the running operator ({leader}) is not scraped: {targets:?}"
     );
 
     // The template variables list what was picked above.
