@@ -20,6 +20,12 @@ fn main() -> anyhow::Result<()> {
     // themselves from this variable; it must be set before any of them start.
     // SAFETY: no other thread exists yet.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    // CUDA numbers GPUs fastest first unless told otherwise; NVML, whose indices the inventory
+    // and placement use, numbers them by PCI bus. Make CUDA agree.
+    if std::env::var_os("CUDA_DEVICE_ORDER").is_none() {
+        // SAFETY: as above, no other thread exists yet.
+        unsafe { std::env::set_var("CUDA_DEVICE_ORDER", "PCI_BUS_ID") };
+    }
     node_agent::standalone::init_engine_threads(Some(threads));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -149,6 +149,8 @@ pub fn load_spec(m: &LocalModel, blob: &CachedBlob) -> LoadSpec {
             .unwrap_or(4),
         prefix_cache: engine.prefix_cache.unwrap_or(true),
         chat_template: engine.chat_template.clone(),
+        // One machine: the first GPU when built with CUDA.
+        gpu: Some(0),
     }
 }
 

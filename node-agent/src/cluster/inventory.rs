@@ -326,13 +326,21 @@ impl fmt::Debug for Inventory {
 }
 
 impl Inventory {
-    /// The declared GPUs when given; else NVML, falling back to CPU only when the NVIDIA
-    /// management library cannot be loaded or initialised (logged).
+    /// The declared GPUs when given; else, in builds with CUDA, NVML, falling back to CPU only
+    /// when the NVIDIA management library cannot be loaded or initialised (logged). Builds
+    /// without CUDA report CPU and RAM only.
     pub fn detect(node: &str, fake: Option<Vec<FakeGpu>>) -> Self {
         let source = match fake {
             Some(gpus) => {
                 tracing::info!(gpus = gpus.len(), "using the declared (fake) GPU inventory");
                 Source::Fake(gpus)
+            }
+            // Without CUDA the engine runs on the CPU: GPUs would be placed on but never used.
+            None if !cfg!(feature = "cuda") => {
+                tracing::info!(
+                    "built without CUDA: models run on the CPU, so the inventory is CPU and RAM (any GPUs stay unused)"
+                );
+                Source::CpuOnly
             }
             None => match nvml_wrapper::Nvml::init() {
                 Ok(nvml) => {

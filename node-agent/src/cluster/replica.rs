@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Agent;
-use super::inventory::{Charge, pick_device};
+use super::inventory::{Charge, Device, pick_device};
 use super::status::{self, Facts, Failure, Stage, Throttle};
 use crate::engine::gguf;
 use crate::engine::types::LoadSpec;
@@ -623,7 +623,7 @@ async fn bring_up(
 
     // Memory check and charge, in one step under the table lock.
     let snapshot = agent.inventory.snapshot();
-    {
+    let device = {
         let mut table = agent.table();
         let charges: Vec<&Charge> = table.charges().collect();
         let free = snapshot.admission_free(&charges);
@@ -642,6 +642,7 @@ async fn bring_up(
                     },
                 );
                 tracing::info!(replica = %key, %device, estimate, "memory reserved");
+                device
             }
             Err((device, free)) => {
                 let message = format!(
@@ -657,7 +658,7 @@ async fn bring_up(
                 ));
             }
         }
-    }
+    };
     if cancel.is_cancelled() {
         return Err(Stop::Cancelled);
     }
@@ -672,6 +673,11 @@ async fn bring_up(
         max_seqs: seqs,
         prefix_cache: engine_spec.prefix_cache.unwrap_or(true),
         chat_template: engine_spec.chat_template.clone(),
+        // The GPU the memory was reserved on (builds without CUDA run on the CPU anyway).
+        gpu: match device {
+            Device::Gpu(i) => Some(i),
+            Device::Cpu => None,
+        },
     };
     tracing::info!(replica = %key, model = %served, path = %blob.path.display(), "loading");
     let timer = DropTimer::new(

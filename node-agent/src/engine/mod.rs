@@ -99,13 +99,19 @@ pub struct EngineHost {
     models: RwLock<HashMap<String, Arc<LoadedModel>>>,
 }
 
-fn device() -> Result<Device, EngineError> {
+/// The device a model loads onto: GPU `gpu` when built with CUDA, else the CPU.
+fn device(gpu: Option<u32>) -> Result<Device, EngineError> {
     #[cfg(feature = "cuda")]
     {
-        Device::cuda_if_available(0).map_err(|e| EngineError::Internal(e.to_string()))
+        match gpu {
+            Some(i) => Device::cuda_if_available(i as usize)
+                .map_err(|e| EngineError::Internal(format!("CUDA device {i}: {e}"))),
+            None => Ok(Device::Cpu),
+        }
     }
     #[cfg(not(feature = "cuda"))]
     {
+        let _ = gpu;
         Ok(Device::Cpu)
     }
 }
@@ -208,6 +214,7 @@ impl EngineHost {
         let rss_before = rss_bytes();
         let name = spec.name.clone();
         let max_seqs = spec.max_seqs.max(1);
+        let gpu = spec.gpu;
         let pipeline = tokio::task::spawn_blocking(move || {
             let loader = GGUFLoaderBuilder::new(
                 None,
@@ -236,7 +243,7 @@ impl EngineHost {
                 .load_model_from_path(
                     &paths,
                     &ModelDType::F32,
-                    &device()?,
+                    &device(gpu)?,
                     true,
                     DeviceMapSetting::dummy(),
                     None,

@@ -21,6 +21,9 @@ pub struct LoadSpec {
     pub prefix_cache: bool,
     /// A Jinja chat template overriding the one in the GGUF.
     pub chat_template: Option<String>,
+    /// The GPU (CUDA ordinal) to load onto, in builds with the `cuda` feature; `None`: the CPU.
+    /// Builds without CUDA always run on the CPU.
+    pub gpu: Option<u32>,
 }
 
 /// What the host knows of a loaded model.
