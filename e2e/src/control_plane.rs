@@ -408,8 +408,13 @@ impl ControlPlane {
     /// Creates ServiceAccount `ns/name` if it does not exist and returns a one-hour token for
     /// it, minted with the TokenRequest API.
     pub async fn token_for_service_account(&self, ns: &str, name: &str) -> Result<String> {
-        let client = self.client();
-        let sas = Api::<ServiceAccount>::namespaced(client, ns);
+        let sas = self.ensure_service_account(ns, name).await?;
+        request_token(&sas, ns, name, None).await
+    }
+
+    /// The ServiceAccounts of `ns`, after creating `ns/name` if it does not exist.
+    async fn ensure_service_account(&self, ns: &str, name: &str) -> Result<Api<ServiceAccount>> {
+        let sas = Api::<ServiceAccount>::namespaced(self.client(), ns);
         let sa = ServiceAccount {
             metadata: ObjectMeta {
                 name: Some(name.to_string()),
@@ -422,22 +427,7 @@ impl ControlPlane {
             Err(kube::Error::Api(status)) if status.code == 409 => {}
             Err(e) => return Err(e.into()),
         }
-        let request = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: vec![],
-                expiration_seconds: Some(3600),
-                bound_object_ref: None,
-            },
-            ..Default::default()
-        };
-        let answer = sas
-            .create_token_request(name, &PostParams::default(), &request)
-            .await?;
-        answer
-            .status
-            .map(|s| s.token)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| Error::Other(format!("TokenRequest for {ns}/{name} returned no token")))
+        Ok(sas)
     }
 
     /// Writes a kubeconfig that authenticates with `token` only, as `name` in this control
@@ -482,21 +472,8 @@ current-context: {name}
         pod: &str,
         node: &str,
     ) -> Result<String> {
-        let client = self.client();
-        let sas = Api::<ServiceAccount>::namespaced(client.clone(), ns);
-        let account = ServiceAccount {
-            metadata: ObjectMeta {
-                name: Some(sa.to_string()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        match sas.create(&PostParams::default(), &account).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 409 => {}
-            Err(e) => return Err(e.into()),
-        }
-        let pods = Api::<Pod>::namespaced(client, ns);
+        let sas = self.ensure_service_account(ns, sa).await?;
+        let pods = Api::<Pod>::namespaced(self.client(), ns);
         let wanted: Pod = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1",
             "kind": "Pod",
@@ -513,31 +490,13 @@ current-context: {name}
             Err(kube::Error::Api(status)) if status.code == 409 => pods.get(pod).await?,
             Err(e) => return Err(e.into()),
         };
-        let request = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: vec![],
-                expiration_seconds: Some(3600),
-                bound_object_ref: Some(BoundObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Pod".into()),
-                    name: created.metadata.name.clone(),
-                    uid: created.metadata.uid.clone(),
-                }),
-            },
-            ..Default::default()
+        let pod_ref = BoundObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: created.metadata.name.clone(),
+            uid: created.metadata.uid.clone(),
         };
-        let answer = sas
-            .create_token_request(sa, &PostParams::default(), &request)
-            .await?;
-        answer
-            .status
-            .map(|s| s.token)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                Error::Other(format!(
-                    "TokenRequest for {ns}/{sa} bound to Pod {pod} returned no token"
-                ))
-            })
+        request_token(&sas, ns, sa, Some(pod_ref)).await
     }
 
     /// Stops both processes and removes the temporary directory (unless kept). Idempotent.
@@ -941,4 +900,37 @@ fn make_run_dir() -> Result<PathBuf> {
     fs::write(dir.join("owner.pid"), std::process::id().to_string())
         .map_err(|e| Error::io("writing owner.pid", e))?;
     Ok(dir)
+}
+
+/// A one-hour token for ServiceAccount `ns/name`, bound to `bound` when given.
+async fn request_token(
+    sas: &Api<ServiceAccount>,
+    ns: &str,
+    name: &str,
+    bound: Option<BoundObjectReference>,
+) -> Result<String> {
+    let what = match &bound {
+        Some(b) => format!(
+            "{ns}/{name} bound to {} {}",
+            b.kind.as_deref().unwrap_or(""),
+            b.name.as_deref().unwrap_or("")
+        ),
+        None => format!("{ns}/{name}"),
+    };
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(3600),
+            bound_object_ref: bound,
+        },
+        ..Default::default()
+    };
+    let answer = sas
+        .create_token_request(name, &PostParams::default(), &request)
+        .await?;
+    answer
+        .status
+        .map(|s| s.token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Error::Other(format!("TokenRequest for {what} returned no token")))
 }

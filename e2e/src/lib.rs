@@ -45,6 +45,16 @@ pub fn workspace_root() -> std::path::PathBuf {
         .to_path_buf()
 }
 
+/// A finished command's exit status, stdout and stderr, for assertion messages.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "exit {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Selects rustls' ring back end for this process. Dependencies enable both of rustls' crypto
 /// back ends, and then rustls refuses to guess.
 pub fn install_crypto_provider() {

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use e2e::helm::{chart_dir, helm, render};
-use e2e::{shared, workspace_binary, workspace_root};
+use e2e::{output_text, shared, workspace_binary, workspace_root};
 use serde_json::Value;
 
 const NS: &str = "localmodel-system";
@@ -17,15 +17,6 @@ const CUSTOM: &str = "ci/custom-values.yaml";
 
 fn custom_values() -> String {
     chart_dir().join(CUSTOM).display().to_string()
-}
-
-fn out_text(out: &std::process::Output) -> String {
-    format!(
-        "exit {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The rendered objects, by `Kind/name`.
@@ -121,12 +112,12 @@ fn helm_lint_passes_with_default_and_custom_values() {
             out.status.success(),
             "helm {}: {}",
             args.join(" "),
-            out_text(&out)
+            output_text(&out)
         );
         assert!(
             String::from_utf8_lossy(&out.stdout).contains("0 chart(s) failed"),
             "{}",
-            out_text(&out)
+            output_text(&out)
         );
     }
 }
@@ -378,7 +369,7 @@ fn assert_args_parse(bin: &str, args: &[String]) {
     assert!(
         out.status.success(),
         "{bin} refuses the chart's arguments {args:?}: {}",
-        out_text(&out)
+        output_text(&out)
     );
 }
 
@@ -457,7 +448,7 @@ async fn the_api_server_accepts_the_chart_dry_run_install_upgrade_and_uninstall(
             out.status.success(),
             "{}: {}",
             path.display(),
-            out_text(&out)
+            output_text(&out)
         );
     }
     let out = cp.kubectl([
@@ -468,7 +459,7 @@ async fn the_api_server_accepts_the_chart_dry_run_install_upgrade_and_uninstall(
         "crd/podmonitors.monitoring.coreos.com",
         "crd/prometheusrules.monitoring.coreos.com",
     ]);
-    assert!(out.status.success(), "{}", out_text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 
     let custom = custom_values();
     let renders: Vec<(&str, Vec<&str>)> = vec![
@@ -484,7 +475,7 @@ async fn the_api_server_accepts_the_chart_dry_run_install_upgrade_and_uninstall(
         let out = cp.kubectl_stdin(["apply", "--dry-run=server", "-f", "-"], &yaml);
         let stdout = String::from_utf8_lossy(&out.stdout);
         println!("{what}: {kinds} objects\n{stdout}");
-        assert!(out.status.success(), "{what}: {}", out_text(&out));
+        assert!(out.status.success(), "{what}: {}", output_text(&out));
         assert_eq!(
             stdout
                 .lines()
@@ -509,7 +500,7 @@ async fn the_api_server_accepts_the_chart_dry_run_install_upgrade_and_uninstall(
     assert!(
         out.status.success(),
         "helm install --dry-run=server: {}",
-        out_text(&out)
+        output_text(&out)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let notes = stdout
@@ -530,14 +521,14 @@ async fn the_api_server_accepts_the_chart_dry_run_install_upgrade_and_uninstall(
     // installed for real).
     let crds = chart.join("crds");
     let out = cp.kubectl(["apply", "--server-side", "-f", crds.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", out_text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let out = cp.kubectl([
         "wait",
         "--for=condition=Established",
         "--timeout=60s",
         "crd/localmodels.localmodel.dev",
     ]);
-    assert!(out.status.success(), "{}", out_text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let manifest: String = notes
         .lines()
         .skip_while(|l| !l.contains("apiVersion: localmodel.dev"))
@@ -549,7 +540,7 @@ async fn the_api_server_accepts_the_chart_dry_run_install_upgrade_and_uninstall(
     assert!(
         out.status.success(),
         "the NOTES' model:\n{manifest}\n{}",
-        out_text(&out)
+        output_text(&out)
     );
 
     // A real release: install with default values, upgrade to the custom ones, uninstall.
@@ -563,7 +554,7 @@ async fn the_api_server_accepts_the_chart_dry_run_install_upgrade_and_uninstall(
             out.status.success(),
             "helm {}: {}",
             all.join(" "),
-            out_text(&out)
+            output_text(&out)
         );
     };
     let chart_path = chart.to_str().unwrap();
@@ -594,7 +585,7 @@ async fn the_api_server_accepts_the_chart_dry_run_install_upgrade_and_uninstall(
         String::from_utf8_lossy(&replicas.stdout),
         "3",
         "{}",
-        out_text(&replicas)
+        output_text(&replicas)
     );
     assert_eq!(
         names("servicemonitor").lines().count(),
@@ -614,7 +605,7 @@ async fn the_api_server_accepts_the_chart_dry_run_install_upgrade_and_uninstall(
     assert!(
         !out.status.success(),
         "the ClusterRole is gone: {}",
-        out_text(&out)
+        output_text(&out)
     );
 
     // The monitors' schemas are enforced: a relabelling with a bad action is refused.
@@ -637,6 +628,6 @@ async fn the_api_server_accepts_the_chart_dry_run_install_upgrade_and_uninstall(
     assert!(
         !out.status.success(),
         "a bad relabel action was accepted: {}",
-        out_text(&out)
+        output_text(&out)
     );
 }

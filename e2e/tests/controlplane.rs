@@ -6,11 +6,10 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use e2e::{ControlPlane, shared, wait, workspace_root};
+use e2e::{ControlPlane, output_text, shared, wait, workspace_root};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -24,15 +23,6 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// `crds/localmodel.dev_*.yaml`, sorted (`LOCALMODEL_E2E_CRDS_DIR` names another folder, e.g.
 /// the output of `cargo run -p crds --bin crdgen -- --out-dir DIR`).
@@ -118,7 +108,7 @@ fn ensure_crds(cp: &ControlPlane) {
                 return Err(format!(
                     "kubectl apply -f {}: {}",
                     file.display(),
-                    text(&out)
+                    output_text(&out)
                 ));
             }
         }
@@ -134,7 +124,7 @@ fn ensure_crds(cp: &ControlPlane) {
                 &format!("crd/{name}"),
             ]);
             if !out.status.success() {
-                return Err(format!("kubectl wait crd/{name}: {}", text(&out)));
+                return Err(format!("kubectl wait crd/{name}: {}", output_text(&out)));
             }
         }
         Ok(())
@@ -196,7 +186,7 @@ async fn apiserver_reports_its_real_version_and_kubectl_works() {
         "the build sets the version ldflags: {version:?}"
     );
     let out = cp.kubectl(["version", "-o", "json"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         v["serverVersion"]["gitVersion"],
@@ -208,7 +198,7 @@ async fn apiserver_reports_its_real_version_and_kubectl_works() {
         "-o",
         "jsonpath={.status.userInfo.username}",
     ]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "admin");
 }
 
@@ -288,7 +278,7 @@ async fn examples_apply_with_server_dry_run() {
         assert!(
             out.status.success(),
             "creating namespace {n}: {}",
-            text(&out)
+            output_text(&out)
         );
     }
     let mut failures = Vec::new();
@@ -302,7 +292,7 @@ async fn examples_apply_with_server_dry_run() {
             file.to_str().unwrap(),
         ]);
         if !out.status.success() {
-            failures.push(format!("{}: {}", file.display(), text(&out)));
+            failures.push(format!("{}: {}", file.display(), output_text(&out)));
         }
     }
     assert!(
@@ -358,7 +348,11 @@ async fn invalid_local_models_are_refused_with_the_cel_message() {
     for (name, spec, message) in cases {
         let manifest = local_model(name, spec).to_string();
         let out = cp.kubectl_stdin(["apply", "-n", &ns, "-f", "-"], &manifest);
-        assert!(!out.status.success(), "{name} was accepted: {}", text(&out));
+        assert!(
+            !out.status.success(),
+            "{name} was accepted: {}",
+            output_text(&out)
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             stderr.contains(&message),
@@ -369,7 +363,7 @@ async fn invalid_local_models_are_refused_with_the_cel_message() {
     // And a valid one is accepted, so the refusals above are about the fields.
     let ok = local_model("fine", json!({"source": "hf://org/repo/m.gguf"})).to_string();
     let out = cp.kubectl_stdin(["apply", "-n", &ns, "-f", "-"], &ok);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 }
 
 #[tokio::test]
@@ -379,10 +373,10 @@ async fn kubectl_shows_printer_columns_and_explains_fields() {
     let ns = cp.create_namespace("printer").await.unwrap();
     let manifest = local_model("smollm2", json!({"source": "hf://org/repo/m.gguf"})).to_string();
     let out = cp.kubectl_stdin(["apply", "-n", &ns, "-f", "-"], &manifest);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 
     let out = cp.kubectl(["get", "lm", "-n", &ns]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let header: Vec<&str> = stdout
         .lines()
@@ -405,7 +399,7 @@ async fn kubectl_shows_printer_columns_and_explains_fields() {
     // The API server publishes the CRD's OpenAPI a moment after it is Established.
     let explained = wait::until_seen("kubectl explain localmodel.spec.source", DEADLINE, || {
         let out = cp.kubectl(["explain", "localmodel.spec.source"]);
-        let seen = text(&out);
+        let seen = output_text(&out);
         let ok = out.status.success()
             && collapse_ws(&String::from_utf8_lossy(&out.stdout))
                 .contains(&collapse_ws(&description));
@@ -451,7 +445,7 @@ async fn model_replicas_select_by_node_name() {
         "-o",
         "name",
     ]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "modelreplica.localmodel.dev/b-1"
@@ -639,7 +633,7 @@ fn a_taken_port_is_retried_on_another_and_teardown_leaves_nothing() {
         "the first API server should have failed on port {port}:\n{log}"
     );
     let out = cp.kubectl(["get", "--raw", "/readyz"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
 
     let pids = cp.pids();
     let dir = cp.dir().to_path_buf();

@@ -203,16 +203,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), AgentError> {
     let addr = listener.local_addr().map_err(AgentError::Server)?;
     tracing::info!(%addr, "listening (not ready until every model is loaded)");
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server_readiness = readiness.clone();
-    let mut stop_for_server = stop_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, api::router(state))
-            .with_graceful_shutdown(async move {
-                let _ = stop_for_server.wait_for(|s| *s).await;
-                server_readiness.begin_shutdown();
-            })
-            .await
-    });
+    let server = api::spawn_server(listener, state, stop_rx.clone());
     let signal_tx = stop_tx.clone();
     tokio::spawn(async move {
         shutdown_signal().await;

@@ -282,6 +282,24 @@ async fn method_not_allowed() -> Response {
     ApiError::method_not_allowed().into_response()
 }
 
+/// Serves the agent's routes on `listener` until `stop` turns true; then `/readyz` fails, new
+/// connections are refused and requests in flight finish.
+pub fn spawn_server(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let readiness = state.readiness.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+                readiness.begin_shutdown();
+            })
+            .await
+    })
+}
+
 /// All routes of the agent.
 pub fn router(state: AppState) -> Router {
     let api = Router::new()

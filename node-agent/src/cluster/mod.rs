@@ -224,16 +224,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     tracing::info!(addr = %bound, %endpoint, node = %agent.node, namespace = %agent.namespace,
         "listening (ready once the GPUNode is registered and the heartbeat runs)");
     let (stop_http_tx, stop_http_rx) = watch::channel(false);
-    let server_readiness = readiness.clone();
-    let mut stop_for_server = stop_http_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, api::router(state))
-            .with_graceful_shutdown(async move {
-                let _ = stop_for_server.wait_for(|s| *s).await;
-                server_readiness.begin_shutdown();
-            })
-            .await
-    });
+    let server = api::spawn_server(listener, state, stop_http_rx);
 
     let signal = CancellationToken::new();
     {
